@@ -1,0 +1,110 @@
+"""Seconds per iMAML meta-step: the batched default against the sequential reference path.
+
+The paper's Omniglot setting on random data: the authors' network (4 x [3x3 conv, stride 2,
+BatchNorm with batch statistics, ReLU], linear head; 28x28 inputs), 5-way 1-shot with 1 query
+example per class, T = 32 tasks, 16 inner steps, lam = 2, 5 CG steps, inner lr 0.1. Prints the
+median of several repeats after a warm-up, tasks per second, and the ratio measured in this
+one run; --json writes the raw numbers.
+
+    python benchmarks/bench_meta_step.py [--tasks 32] [--repeats 5] [--device cpu] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import imaml_fast
+from imaml_fast import IMAMLConfig, meta_gradient
+from imaml_fast.models import omniglot_conv
+
+
+def episode(T, n_way, shots, queries, device):
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(T, n_way * shots, 1, 28, 28, generator=g).to(device)
+    xq = torch.randn(T, n_way * queries, 1, 28, 28, generator=g).to(device)
+    ys = torch.arange(n_way).repeat_interleave(shots).expand(T, -1).contiguous().to(device)
+    yq = torch.arange(n_way).repeat_interleave(queries).expand(T, -1).contiguous().to(device)
+    return xs, ys, xq, yq
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, repeats, device):
+    fn()  # warm-up (and, for task_batching="auto", the one-off strategy measurement)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--n-way", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--queries", type=int, default=1)
+    ap.add_argument("--inner-steps", type=int, default=16)
+    ap.add_argument("--cg-steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="write the raw results here")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = omniglot_conv(args.n_way).to(args.device)
+    ep = episode(args.tasks, args.n_way, args.shots, args.queries, args.device)
+    base = IMAMLConfig(inner_steps=args.inner_steps, cg_steps=args.cg_steps, lam=2.0, inner_lr=0.1)
+    variants = [
+        ("reference", base.replace(backend="reference")),
+        ("default (auto)", base),
+        ("torch, hvp=fwdrev", base.replace(backend="torch", hvp="fwdrev")),
+        ("torch, vmap all tasks", base.replace(backend="torch", task_batching="vmap")),
+        ("torch, loop over tasks", base.replace(backend="torch", task_batching="loop")),
+    ]
+    rows = []
+    for name, cfg in variants:
+        holder = {}
+
+        def run():
+            holder["r"] = meta_gradient(model, F.cross_entropy, *ep, cfg)
+
+        med, times = time_it(run, args.repeats, args.device)
+        r = holder["r"]
+        rows.append({"variant": name, "median_s": med, "times_s": times,
+                     "tasks_per_s": args.tasks / med, "backend": r.backend, "hvp": r.hvp,
+                     "task_batching": r.task_batching})
+        print(f"{name:26s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
+              f"(backend={r.backend}, hvp={r.hvp}, task_batching={r.task_batching})", flush=True)
+    ref = rows[0]["median_s"]
+    print()
+    for row in rows:
+        row["speedup_vs_reference"] = ref / row["median_s"]
+        print(f"{row['variant']:26s} {row['speedup_vs_reference']:6.2f}x vs reference")
+    meta = {"device": str(args.device), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "imaml_fast": imaml_fast.__version__, "settings": vars(args),
+            "date": time.strftime("%Y-%m-%d")}
+    if torch.device(args.device).type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

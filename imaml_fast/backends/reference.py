@@ -1,0 +1,158 @@
+"""The "reference" backend: one task at a time, in plain autograd.
+
+This is the structure of the authors' iMAML code (a Python loop over tasks; every
+Hessian-vector product rebuilds the support gradient with create_graph=True and
+back-propagates through it once more) with the paper's math (proximal inner steps, the
+operator I + (H + damping I)/lam, CG started at zero). It shares no solver code with the
+batched engine, so tests that compare the two check each against an independent
+implementation, and benchmarks measure the batched engine against it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cg import (CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_NONFINITE)
+
+ARMIJO_C = 1e-4
+
+
+def _grad(loss_of, w):
+    with torch.enable_grad():
+        w = w.detach().requires_grad_(True)
+        loss = loss_of(w)
+        (g,) = torch.autograd.grad(loss, w, allow_unused=True, materialize_grads=True)
+    return g, loss.detach()
+
+
+def hvp_ref(loss_of, w, v):
+    """H v by double backward, the graph rebuilt for this one product."""
+    with torch.enable_grad():
+        w = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_of(w), w, create_graph=True)
+        if not g.requires_grad:
+            return torch.zeros_like(v)
+        (hv,) = torch.autograd.grad(g, w, v, allow_unused=True, materialize_grads=True)
+    return hv
+
+
+def cg_ref(matvec, b, max_iter, tol):
+    """Plain CG for one system, deciding on the host. Returns (x, iters, residual, status)
+    with the same conventions as imaml_fast.cg_solve."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = torch.dot(r, r)
+    thresh = tol * tol * torch.dot(b, b)
+    iters = 0
+    if not torch.isfinite(rs):
+        return x, iters, rs.sqrt(), CG_NONFINITE
+    if rs <= thresh:
+        return x, iters, rs.sqrt(), CG_CONVERGED
+    status = CG_MAX_ITER
+    for _ in range(max_iter):
+        Ap = matvec(p)
+        pAp = torch.dot(p, Ap)
+        if not torch.isfinite(pAp):
+            status = CG_NONFINITE
+            break
+        if pAp <= 0:
+            if iters == 0:
+                x = x + p
+            status = CG_NEGATIVE_CURVATURE
+            break
+        alpha = rs / pAp
+        x_new = x + alpha * p
+        r_new = r - alpha * Ap
+        rs_new = torch.dot(r_new, r_new)
+        if not torch.isfinite(rs_new):
+            status = CG_NONFINITE
+            break
+        x, r, iters = x_new, r_new, iters + 1
+        if rs_new <= thresh:
+            rs = rs_new
+            status = CG_CONVERGED
+            break
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, iters, rs.sqrt(), status
+
+
+def _inner_gd(loss_of, theta, config):
+    phi = theta.clone()
+    for _ in range(config.inner_steps):
+        g, _ = _grad(loss_of, phi)
+        phi = phi - config.inner_lr * (g + config.lam * (phi - theta))
+    return phi
+
+
+def _inner_hf(loss_of, theta, config):
+    lam = config.lam
+    phi = theta.clone()
+
+    def objective(w):
+        d = w - theta
+        return loss_of(w) + 0.5 * lam * torch.dot(d, d)
+
+    for _ in range(config.inner_steps):
+        g, loss = _grad(loss_of, phi)
+        G = g + lam * (phi - theta)
+        F0 = loss + 0.5 * lam * torch.dot(phi - theta, phi - theta)
+        d, _, _, _ = cg_ref(lambda v: hvp_ref(loss_of, phi, v) + lam * v, G,
+                            config.hf_cg_steps, config.cg_tol)
+        slope = torch.dot(G, d)
+        if not slope > 0:
+            d, slope = G, torch.dot(G, G)
+        t = 1.0
+        for _ in range(config.hf_ls_steps):
+            cand = phi - t * d
+            with torch.no_grad():
+                Fc = objective(cand)
+            if torch.isfinite(Fc) and Fc <= F0 - ARMIJO_C * t * slope:
+                phi = cand
+                break
+            t *= 0.5
+    return phi
+
+
+def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config):
+    from ..implicit import MetaGradient
+
+    T = xs.shape[0]
+    phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
+    shift = 1.0 + config.cg_damping / config.lam
+    scale = 1.0 / config.lam
+    for i in range(T):
+        def support(w, i=i):
+            return fm.loss_one(w, xs[i], ys[i])
+
+        def query(w, i=i):
+            return fm.loss_one(w, xq[i], yq[i])
+
+        solve = _inner_gd if config.inner_solver == "gd" else _inner_hf
+        phi = solve(support, theta, config)
+        gq, ql = _grad(query, phi)
+        with torch.no_grad():
+            il = support(phi)
+        if config.cg_steps == 0:
+            x, it, res, st = gq, 0, gq.norm(), CG_MAX_ITER
+        else:
+            x, it, res, st = cg_ref(lambda v: shift * v + scale * hvp_ref(support, phi, v), gq,
+                                    config.cg_steps, config.cg_tol)
+        phis.append(phi)
+        gs.append(x)
+        iters.append(it)
+        resid.append(res)
+        status.append(st)
+        inner_loss.append(il)
+        query_loss.append(ql)
+    phi = torch.stack(phis).detach()
+    task_flat = torch.stack(gs).detach()
+    grads_flat = task_flat.mean(0)
+    dev = phi.device
+    return MetaGradient(
+        grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
+        adapted=fm.unflatten(phi), cg_iters=torch.tensor(iters, device=dev),
+        cg_residual=torch.stack(resid), cg_status=torch.tensor(status, dtype=torch.int8, device=dev),
+        inner_loss=torch.stack(inner_loss), query_loss=torch.stack(query_loss),
+        grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
+        backend="reference", hvp="revrev", task_batching="loop", evals={})

@@ -1,0 +1,80 @@
+"""How the batched backends push T tasks through the model: one vmap over all tasks, vmap
+over chunks of tasks, or a plain loop of functional calls.
+
+The best choice depends on the model and the device. On a 2-core CPU, for the paper's
+stride-2 Omniglot network (T = 32) vmap over chunks of 16 tasks beats one vmap over all 32 and
+beats a loop by about 3x; for MAML's max-pooling conv4 on 84x84 images a plain loop wins and
+vmap is up to 2x slower (vmap turns the per-task convolutions into one grouped convolution,
+which the CPU runs badly for wide images). So "auto" measures the candidates on the first call
+for a given model structure, input shape, dtype and device, and caches the winner.
+
+Every strategy computes the same numbers up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, Tuple, Union
+
+import torch
+
+from .functional import FunctionalModel
+
+Strategy = Union[str, int]
+_CACHE: Dict[Tuple, Strategy] = {}
+# Below this time for one batched gradient with vmap over all tasks, overheads are not worth
+# measuring: vmap is taken as it is.
+_TUNE_MIN_SECONDS = 0.01
+
+
+def _key(fm: FunctionalModel, x: torch.Tensor):
+    return (type(fm.model).__qualname__, tuple(map(tuple, fm.shapes)), repr(fm.model),
+            tuple(x.shape), x.dtype, fm.dtype, x.device.type)
+
+
+def candidates(T: int):
+    cands = ["vmap", "loop"]
+    for c in (4, 8, 16):
+        if c < T:
+            cands.append(c)
+    return cands
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_grad(fm, theta, x, y, strategy, repeats=2):
+    phi = theta.expand(x.shape[0], -1)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        fm.grad_and_losses(phi, x, y, strategy)
+        _sync(x.device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y) -> Strategy:
+    """The strategy to use: `requested` unless it is "auto"."""
+    if requested != "auto":
+        return requested
+    T = x.shape[0]
+    if T == 1:
+        return "loop"
+    key = _key(fm, x)
+    if key in _CACHE:
+        return _CACHE[key]
+    _time_grad(fm, theta, x, y, "vmap", repeats=1)  # warm-up
+    timings = {"vmap": _time_grad(fm, theta, x, y, "vmap")}
+    if timings["vmap"] >= _TUNE_MIN_SECONDS:
+        for cand in candidates(T)[1:]:
+            timings[cand] = _time_grad(fm, theta, x, y, cand)
+    best = min(timings, key=timings.get)
+    _CACHE[key] = best
+    return best
+
+
+def clear_cache() -> None:
+    _CACHE.clear()

@@ -1,0 +1,105 @@
+"""IMAMLConfig: every knob of the engine, validated when it is built.
+
+A bad value raises ValueError naming the field, the value and what is allowed, so a typo in a
+sweep fails at construction and not twenty minutes into training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Union
+
+INNER_SOLVERS = ("gd", "hf")
+HVP_MODES = ("auto", "fwdrev", "revrev")
+TASK_BATCHING = ("auto", "vmap", "loop")
+
+
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"IMAMLConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_int(field, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, f"expected an int >= {minimum}")
+    if value < minimum:
+        _fail(field, value, f"expected an int >= {minimum}")
+
+
+def _check_real(field, value, *, positive=False, nonneg=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, value, "expected a finite real number")
+    if positive and not value > 0:
+        _fail(field, value, "expected a number > 0")
+    if nonneg and value < 0:
+        _fail(field, value, "expected a number >= 0")
+
+
+@dataclass(frozen=True)
+class IMAMLConfig:
+    """Settings of one iMAML meta-gradient computation.
+
+    inner_solver: "gd" (iMAML-GD: `inner_steps` proximal gradient steps of size `inner_lr`) or
+        "hf" (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving
+        (H + lam I) d = grad with `hf_cg_steps` CG iterations, then a backtracking line search of
+        at most `hf_ls_steps` halvings).
+    lam: strength of the proximal term lam/2 ||phi - theta||^2 (the paper's lambda).
+    cg_steps: maximum CG iterations of the implicit solve (I + H/lam) g = grad L_query.
+        0 means the first-order approximation g = grad L_query (the Hessian term dropped).
+    cg_tol: per-task relative tolerance, ||r|| <= cg_tol * ||b||.
+    cg_damping: added to the Hessian in the implicit solve, (I + (H + cg_damping I)/lam).
+    hvp: "fwdrev" (forward-over-reverse, jvp of grad, recomputed per product), "revrev"
+        (double backward through a support-gradient graph built once per solve and reused by
+        every CG iteration) or "auto" (revrev: measured faster on CPU, see README).
+    backend: "auto" | "reference" | "torch"; imaml_fast.backend_info() lists what runs here.
+    task_batching: how the batched backends run the T tasks through the model: "vmap" (all
+        tasks in one vmap), "loop" (one functional call per task), an int k (vmap over chunks
+        of k tasks) or "auto" (measured once per model, shape and device, then cached).
+    check_finite: IMAML.meta_step refuses a non-finite meta-gradient (one host sync per step).
+    """
+
+    inner_solver: str = "gd"
+    inner_steps: int = 16
+    inner_lr: float = 0.1
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_tol: float = 1e-10
+    cg_damping: float = 0.0
+    hvp: str = "auto"
+    backend: str = "auto"
+    hf_cg_steps: int = 5
+    hf_ls_steps: int = 10
+    task_batching: Union[str, int] = "auto"
+    check_finite: bool = True
+
+    def __post_init__(self):
+        if self.inner_solver not in INNER_SOLVERS:
+            _fail("inner_solver", self.inner_solver, f"allowed values are {INNER_SOLVERS}")
+        _check_int("inner_steps", self.inner_steps, 0)
+        _check_real("inner_lr", self.inner_lr, positive=True)
+        _check_real("lam", self.lam, positive=True)
+        _check_int("cg_steps", self.cg_steps, 0)
+        _check_real("cg_tol", self.cg_tol, nonneg=True)
+        _check_real("cg_damping", self.cg_damping, nonneg=True)
+        if self.hvp not in HVP_MODES:
+            _fail("hvp", self.hvp, f"allowed values are {HVP_MODES}")
+        from .backends import BACKEND_NAMES  # late import: backends import this module
+
+        if self.backend not in BACKEND_NAMES:
+            _fail("backend", self.backend, f"allowed values are {BACKEND_NAMES}")
+        _check_int("hf_cg_steps", self.hf_cg_steps, 1)
+        _check_int("hf_ls_steps", self.hf_ls_steps, 1)
+        tb = self.task_batching
+        if isinstance(tb, bool) or not (
+            tb in TASK_BATCHING or (isinstance(tb, int) and tb >= 1)
+        ):
+            _fail("task_batching", tb, f"allowed values are {TASK_BATCHING} or an int >= 1")
+        if not isinstance(self.check_finite, bool):
+            _fail("check_finite", self.check_finite, "expected True or False")
+
+    def replace(self, **changes) -> "IMAMLConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,130 @@
+"""A model as a pure function of flat parameters: the [T, P] layout every solver works on.
+
+All tasks' parameters live in one flat buffer [T, P] (P = number of model parameters); the
+model's named parameters are views into it. Every vector operation of the solvers (inner
+updates, CG updates, dot products) is then one op over all tasks, whatever the number of
+parameter tensors, and the kernels of later backends see one contiguous buffer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+def check_batchnorm(model: nn.Module) -> None:
+    """BatchNorm must use batch statistics: running statistics would leak between tasks and
+    make the inner problem depend on the order tasks were seen."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            raise ValueError(
+                f"{type(mod).__name__} '{name}' tracks running statistics, which iMAML cannot "
+                f"batch over tasks (each task must normalise with its own batch statistics, as "
+                f"in the paper's networks). Build it with track_running_stats=False, e.g. "
+                f"nn.{type(mod).__name__}({mod.num_features}, track_running_stats=False)."
+            )
+
+
+class FunctionalModel:
+    """Wraps `model` and `loss_fn` as functions of a flat parameter vector.
+
+    loss_fn(output, target) -> scalar is called once per task on that task's [N, ...] tensors,
+    exactly as it would be in a per-task training loop (for example F.cross_entropy).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, params: Dict[str, torch.Tensor] = None):
+        check_batchnorm(model)
+        self.model = model
+        self.loss_fn = loss_fn
+        if params is None:
+            params = dict(model.named_parameters())
+        if not params:
+            raise ValueError("the model has no parameters to meta-learn")
+        self.names: List[str] = list(params)
+        self.shapes: List[torch.Size] = [params[n].shape for n in self.names]
+        self.numels: List[int] = [math.prod(s) for s in self.shapes]
+        self.offsets: List[int] = [0]
+        for k in self.numels:
+            self.offsets.append(self.offsets[-1] + k)
+        self.num_params = self.offsets[-1]
+        first = params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        for n in self.names:
+            p = params[n]
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(
+                    f"parameter '{n}' is {p.dtype} on {p.device} but '{self.names[0]}' is "
+                    f"{self.dtype} on {self.device}: all parameters must share dtype and device"
+                )
+        self.theta = self.flatten_params(params)
+        # Buffers (none for batch-statistics BatchNorm) are passed unchanged to every task.
+        self.buffers = dict(model.named_buffers())
+
+    # ---- flat layout -------------------------------------------------------------------
+    def flatten_params(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dict of parameter-shaped tensors -> flat [P] (detached copy)."""
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def flatten(self, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dict of [T, *shape] tensors -> [T, P]."""
+        T = tensors[self.names[0]].shape[0]
+        return torch.cat([tensors[n].reshape(T, -1) for n in self.names], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """[..., P] -> dict of [..., *shape] views (no copy)."""
+        lead = flat.shape[:-1]
+        return {
+            n: flat[..., o : o + k].view(*lead, *s)
+            for n, s, k, o in zip(self.names, self.shapes, self.numels, self.offsets)
+        }
+
+    # ---- forward passes ------------------------------------------------------------------
+    def forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model output for one task's parameters [P] on x [N, ...]."""
+        params = self.unflatten(flat)
+        if self.buffers:
+            params = {**self.buffers, **params}
+        return functional_call(self.model, params, (x,))
+
+    def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.forward_one(flat, x), y)
+
+    def run_batched(self, fn_name: str, flat: torch.Tensor, args: Sequence[torch.Tensor],
+                    strategy) -> torch.Tensor:
+        """Apply forward_one / loss_one to every task of flat [T, P] with the given strategy:
+        "loop" (one call per task), or an int chunk size for vmap (T or more = all at once)."""
+        fn = getattr(self, fn_name)
+        T = flat.shape[0]
+        if strategy == "loop":
+            return torch.stack([fn(flat[i], *(a[i] for a in args)) for i in range(T)])
+        chunk = T if strategy == "vmap" else int(strategy)
+        batched = vmap(fn)
+        if chunk >= T:
+            return batched(flat, *args)
+        return torch.cat([
+            batched(flat[i : i + chunk], *(a[i : i + chunk] for a in args))
+            for i in range(0, T, chunk)
+        ])
+
+    def losses(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, strategy="vmap"):
+        """Per-task losses [T] for flat [T, P], x [T, N, ...], y [T, N, ...]."""
+        return self.run_batched("loss_one", flat, (x, y), strategy)
+
+    def outputs(self, flat: torch.Tensor, x: torch.Tensor, strategy="vmap"):
+        """Per-task model outputs [T, N, ...]."""
+        return self.run_batched("forward_one", flat, (x,), strategy)
+
+    def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap",
+                        create_graph=False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task gradients [T, P] of the per-task losses, the losses [T] and the leaf the
+        gradient was taken at. Tasks are independent, so the gradient of the summed loss with
+        respect to the [T, P] leaf is exactly the stack of per-task gradients."""
+        with torch.enable_grad():
+            leaf = flat.detach().requires_grad_(True)
+            losses = self.losses(leaf, x, y, strategy)
+            (g,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph,
+                                       allow_unused=True, materialize_grads=True)
+        return g, losses.detach(), leaf

@@ -1,0 +1,113 @@
+"""meta_gradient(): inner solve -> query gradient -> implicit CG solve -> meta-gradient.
+
+For every task i of the meta-batch
+
+    phi_i = argmin_phi L_support_i(phi) + lam/2 ||phi - theta||^2
+    g_i   = (I + (H_i + cg_damping I) / lam)^-1 grad L_query_i(phi_i)
+
+and the meta-gradient is mean_i g_i. Nothing from the inner loop is back-propagated through,
+so memory does not depend on the number of inner steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .backends import resolve_backend
+from .batching import choose_strategy
+from .cg import CG_MAX_ITER, batched_dot, cg_solve
+from .config import IMAMLConfig
+from .functional import FunctionalModel
+from .hvp import BatchedHVP, resolve_hvp_mode
+from .inner import solve_inner
+from .validation import validate_episode
+
+
+@dataclass
+class MetaGradient:
+    """The result of meta_gradient(). Dicts map parameter names to tensors; the *_flat
+    tensors are the same numbers in the flat [T, P] / [P] layout (the dicts are views)."""
+
+    grads: Dict[str, torch.Tensor]        # mean over tasks, shaped like each parameter
+    task_grads: Dict[str, torch.Tensor]   # [T, ...] per-task implicit meta-gradients
+    adapted: Dict[str, torch.Tensor]      # [T, ...] inner solutions phi_i
+    cg_iters: torch.Tensor                # [T] Hessian-vector products used by each task's CG
+    cg_residual: torch.Tensor             # [T] ||b - A g_i|| at the end of CG
+    cg_status: torch.Tensor               # [T] int8, see imaml_fast.cg (CG_CONVERGED, ...)
+    inner_loss: torch.Tensor              # [T] support loss at phi_i (without the proximal term)
+    query_loss: torch.Tensor              # [T] query loss at phi_i
+    grads_flat: torch.Tensor              # [P]
+    task_grads_flat: torch.Tensor         # [T, P]
+    adapted_flat: torch.Tensor            # [T, P]
+    backend: str = ""                     # the backend that ran
+    hvp: str = ""                         # the HVP mode that ran
+    task_batching: object = None          # the task-batching strategy that ran
+    evals: Dict[str, int] = field(default_factory=dict)  # batched gradient/HVP/loss counts
+
+
+def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_query, y_query,
+                  config: Optional[IMAMLConfig] = None,
+                  params: Optional[Dict[str, torch.Tensor]] = None) -> MetaGradient:
+    """iMAML meta-gradient for a meta-batch of T tasks.
+
+    x_support [T, N, ...], y_support [T, N, ...], x_query [T, M, ...], y_query [T, M, ...].
+    loss_fn(model_output, labels) -> scalar is applied per task (for example F.cross_entropy).
+    params: the meta-parameters theta as {name: tensor}; default model.named_parameters().
+    The model's parameters are only read, never changed.
+    """
+    config = IMAMLConfig() if config is None else config
+    if not isinstance(config, IMAMLConfig):
+        raise ValueError(f"config must be an IMAMLConfig, got {type(config).__name__}")
+    fm = FunctionalModel(model, loss_fn, params)
+    return meta_gradient_flat(fm, x_support, y_support, x_query, y_query, config)
+
+
+def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
+                       theta: Optional[torch.Tensor] = None) -> MetaGradient:
+    """meta_gradient() on a FunctionalModel, with theta as a flat [P] vector
+    (default fm.theta)."""
+    theta = fm.theta if theta is None else theta
+    validate_episode(fm, theta, xs, ys, xq, yq)
+    backend = resolve_backend(config.backend, fm.device, fm.dtype)
+    if not backend.batched:
+        from .backends.reference import meta_gradient_reference
+
+        return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config)
+    ops = backend.ops()
+    strategy = choose_strategy(config.task_batching, fm, theta, xs, ys)
+    hvp_mode = resolve_hvp_mode(config.hvp)
+    inner = solve_inner(fm, theta, xs, ys, config, strategy, ops)
+    with torch.no_grad():
+        phi = inner.phi
+        gq, query_loss, _ = fm.grad_and_losses(phi, xq, yq, strategy)
+        T = phi.shape[0]
+        hvp_calls = 0
+        if config.cg_steps == 0:
+            # First-order approximation: (I + H/lam)^-1 replaced by I.
+            task_flat = gq
+            inner_loss = fm.losses(phi, xs, ys, strategy)
+            cg_iters = torch.zeros(T, dtype=torch.long, device=phi.device)
+            cg_residual = batched_dot(gq, gq).sqrt()
+            cg_status = torch.full((T,), CG_MAX_ITER, dtype=torch.int8, device=phi.device)
+        else:
+            hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy)
+            inner_loss = hvp.losses
+            shift = 1.0 + config.cg_damping / config.lam
+            scale = 1.0 / config.lam
+            sol = cg_solve(lambda v: shift * v + scale * hvp(v), gq, max_iter=config.cg_steps,
+                           tol=config.cg_tol, update=ops["cg_update"])
+            hvp_calls = hvp.calls
+            hvp.release()
+            task_flat, cg_iters, cg_residual, cg_status = sol.x, sol.iters, sol.residual, sol.status
+        grads_flat = task_flat.mean(0)
+    return MetaGradient(
+        grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
+        adapted=fm.unflatten(phi), cg_iters=cg_iters, cg_residual=cg_residual,
+        cg_status=cg_status, inner_loss=inner_loss, query_loss=query_loss,
+        grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
+        backend=backend.name, hvp=hvp_mode, task_batching=strategy,
+        evals={"grad": inner.grad_evals + 1, "hvp": inner.hvp_evals + hvp_calls,
+               "loss": inner.loss_evals})

@@ -1,0 +1,133 @@
+"""IMAML: the meta-training object users hold.
+
+    learner = IMAML(model, F.cross_entropy, IMAMLConfig(), torch.optim.Adam(model.parameters(), 1e-3))
+    stats = learner.meta_step(x_support, y_support, x_query, y_query)
+
+meta_step computes the meta-gradient for the whole meta-batch, checks it, and only then
+writes .grad and steps the optimizer: a step that fails (bad input, non-finite meta-gradient)
+leaves the parameters and the optimizer state exactly as they were.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .cg import CG_NONFINITE, CG_STATUS_NAMES
+from .config import IMAMLConfig
+from .functional import FunctionalModel
+from .implicit import MetaGradient, meta_gradient_flat
+
+
+@dataclass
+class MetaStepStats:
+    """Per-step statistics as device tensors; .to_dict() copies them to the host (one sync)."""
+
+    result: MetaGradient
+
+    def to_dict(self) -> dict:
+        r = self.result
+        status = r.cg_status.cpu().tolist()
+        return {
+            "inner_loss": r.inner_loss.mean().item(),
+            "query_loss": r.query_loss.mean().item(),
+            "cg_iters": r.cg_iters.float().mean().item(),
+            "cg_residual": r.cg_residual.max().item(),
+            "cg_status": {name: status.count(code) for code, name in CG_STATUS_NAMES.items()},
+            "grad_norm": r.grads_flat.norm().item(),
+            "backend": r.backend, "hvp": r.hvp, "task_batching": r.task_batching,
+        }
+
+
+class IMAML:
+    """iMAML meta-learner around a model, a per-task loss and an outer optimizer.
+
+    model: an nn.Module (BatchNorm with track_running_stats=False); its parameters are theta.
+    loss_fn(output, labels) -> scalar, applied per task.
+    outer_optimizer: any torch.optim optimizer over model.parameters() (None: only
+        meta_gradient/accumulate/adapt/predict are used).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, config: Optional[IMAMLConfig] = None,
+                 outer_optimizer: Optional[torch.optim.Optimizer] = None):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = IMAMLConfig() if config is None else config
+        if not isinstance(self.config, IMAMLConfig):
+            raise ValueError(f"config must be an IMAMLConfig, got {type(self.config).__name__}")
+        self.outer_optimizer = outer_optimizer
+        self._fm = FunctionalModel(model, loss_fn)  # validates BatchNorm, builds the layout
+
+    def _theta(self) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        return self._fm.flatten_params(params)
+
+    def meta_gradient(self, x_support, y_support, x_query, y_query) -> MetaGradient:
+        """The meta-gradient at the model's current parameters; changes nothing."""
+        return meta_gradient_flat(self._fm, x_support, y_support, x_query, y_query,
+                                  self.config, theta=self._theta())
+
+    def _checked(self, x_support, y_support, x_query, y_query) -> MetaGradient:
+        result = self.meta_gradient(x_support, y_support, x_query, y_query)
+        if self.config.check_finite:
+            # One host sync: a task whose adaptation or solve went non-finite must not be
+            # averaged in (CG would report it as CG_NONFINITE with a zero solution).
+            bad = (~torch.isfinite(result.task_grads_flat).all(1)
+                   | ~torch.isfinite(result.adapted_flat).all(1)
+                   | ~torch.isfinite(result.query_loss) | (result.cg_status == CG_NONFINITE))
+            if bool(bad.any()):
+                raise FloatingPointError(
+                    f"the meta-gradient is not finite for tasks {bad.nonzero().flatten().tolist()}: "
+                    f"the inner loop diverged or the losses overflowed; lower inner_lr or raise "
+                    f"lam. Parameters and optimizer state are unchanged.")
+        return result
+
+    def accumulate(self, x_support, y_support, x_query, y_query) -> MetaStepStats:
+        """Add the meta-gradient into each parameter's .grad, as loss.backward() would."""
+        result = self._checked(x_support, y_support, x_query, y_query)
+        params = dict(self.model.named_parameters())
+        for name, g in result.grads.items():
+            p = params[name]
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
+        return MetaStepStats(result)
+
+    def meta_step(self, x_support, y_support, x_query, y_query) -> MetaStepStats:
+        """Compute the meta-gradient, set it as .grad and step the outer optimizer."""
+        if self.outer_optimizer is None:
+            raise ValueError("meta_step needs an outer optimizer: IMAML(model, loss_fn, config, "
+                             "torch.optim.Adam(model.parameters(), lr=1e-3))")
+        result = self._checked(x_support, y_support, x_query, y_query)
+        params = dict(self.model.named_parameters())
+        for name, g in result.grads.items():
+            params[name].grad = g.detach().clone()
+        self.outer_optimizer.step()
+        return MetaStepStats(result)
+
+    def adapt(self, x_support, y_support) -> Dict[str, torch.Tensor]:
+        """Inner solutions phi_i for T tasks, as {name: [T, ...]} (nothing is stepped)."""
+        from .backends import resolve_backend
+        from .batching import choose_strategy
+        from .inner import solve_inner
+        from .validation import validate_episode
+
+        theta = self._theta()
+        validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
+        c = self.config
+        backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
+        strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support)
+        res = solve_inner(self._fm, theta, x_support, y_support, c, strategy,
+                          backend.ops() if backend.batched else None)
+        return self._fm.unflatten(res.phi)
+
+    def predict(self, adapted: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Outputs [T, M, ...] of each task's adapted parameters on x [T, M, ...]."""
+        flat = self._fm.flatten(adapted)
+        if x.shape[0] != flat.shape[0]:
+            raise ValueError(f"x has T={x.shape[0]} tasks but adapted has T={flat.shape[0]}")
+        with torch.no_grad():
+            return self._fm.outputs(flat, x, "vmap")

@@ -1,0 +1,165 @@
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _helpers import DT, class_episode, conv_bn, exact_implicit, flat_params, mlp, rel_err
+from imaml_fast import (CG_CONVERGED, CG_NEGATIVE_CURVATURE, IMAMLConfig, meta_gradient)
+
+CASES = {"mlp": (mlp, (3,), 2), "conv_bn": (conv_bn, (1, 6, 6), 3)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("solver,hvp", [("gd", "fwdrev"), ("gd", "revrev"), ("hf", "auto")])
+def test_matches_exact_implicit_gradient(case, solver, hvp):
+    make, shape, n_way = CASES[case]
+    model = make()
+    xs, ys, xq, yq = class_episode(3, 6, 4, shape, n_way)
+    P = sum(p.numel() for p in model.parameters())
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=5 if solver == "gd" else 2, lam=2.0,
+                      cg_steps=P, cg_tol=1e-13, hvp=hvp, cg_damping=0.3)
+    r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+    exact = exact_implicit(model, F.cross_entropy, r.adapted_flat, xs, ys, xq, yq, 2.0, 0.3)
+    assert (r.cg_status == CG_CONVERGED).all()
+    assert rel_err(r.task_grads_flat, exact) <= 1e-6
+    assert torch.allclose(r.grads_flat, exact.mean(0), rtol=1e-6, atol=1e-12)
+    # the dict views carry the same numbers in the parameters' shapes
+    for name, p in model.named_parameters():
+        assert r.grads[name].shape == p.shape and r.task_grads[name].shape == (3, *p.shape)
+
+
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_linear_regression_closed_form(solver):
+    """phi*(theta) = (2/N X'X + lam I)^-1 (2/N X'y + lam theta): autograd through this
+    closed form gives the exact meta-gradient."""
+    T, N, M, d, lam = 4, 7, 5, 3, 1.5
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    xs, xq = torch.randn(T, N, d, dtype=DT), torch.randn(T, M, d, dtype=DT)
+    ys, yq = torch.randn(T, N, 1, dtype=DT), torch.randn(T, M, 1, dtype=DT)
+    theta = flat_params(model).requires_grad_(True)
+    expected = []
+    for i in range(T):
+        A = 2.0 / N * xs[i].T @ xs[i] + lam * torch.eye(d, dtype=DT)
+        phi = torch.linalg.solve(A, 2.0 / N * xs[i].T @ ys[i, :, 0] + lam * theta)
+        lq = F.mse_loss(xq[i] @ phi, yq[i, :, 0])
+        expected.append(torch.autograd.grad(lq, theta)[0])
+    expected = torch.stack(expected)
+    L = max(torch.linalg.eigvalsh(2.0 / N * xs[i].T @ xs[i]).max().item() for i in range(T)) + lam
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=600 if solver == "gd" else 2,
+                      inner_lr=1.0 / L, lam=lam, cg_steps=d, cg_tol=1e-14, hf_cg_steps=d)
+    r = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg)
+    assert rel_err(r.task_grads_flat, expected) <= 1e-9
+    assert torch.allclose(r.grads["weight"].flatten(), expected.mean(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("solver,hvp,batching", [
+    ("gd", "auto", "auto"), ("gd", "fwdrev", "vmap"), ("gd", "revrev", "loop"),
+    ("gd", "revrev", 3), ("hf", "revrev", "vmap"), ("hf", "fwdrev", 2)])
+def test_batched_equals_reference(T, solver, hvp, batching):
+    model = conv_bn(n_way=3, channels=3)
+    xs, ys, xq, yq = class_episode(T, 3, 5, (1, 6, 6), 3)  # odd sizes: N=3, M=5, P=120
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=4 if solver == "gd" else 2, cg_steps=5,
+                      hvp=hvp, task_batching=batching, inner_lr=0.3)
+    a = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="torch"))
+    b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="reference"))
+    assert (a.backend, b.backend) == ("torch", "reference")
+    for field in ("grads_flat", "task_grads_flat", "adapted_flat", "inner_loss", "query_loss",
+                  "cg_residual"):
+        assert rel_err(getattr(a, field), getattr(b, field)) <= 1e-10, field
+    assert torch.equal(a.cg_iters, b.cg_iters) and torch.equal(a.cg_status, b.cg_status)
+
+
+def test_model_parameters_are_not_changed():
+    model = conv_bn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs, ys, xq, yq = class_episode(2, 4, 4, (1, 6, 6), 3)
+    meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, IMAMLConfig(inner_steps=3))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_explicit_params_override_the_models():
+    model = mlp()
+    xs, ys, xq, yq = class_episode(2, 4, 4, (3,), 2)
+    params = {n: p.detach() + 0.5 for n, p in model.named_parameters()}
+    a = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, IMAMLConfig(inner_steps=2), params=params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, IMAMLConfig(inner_steps=2))
+    assert torch.equal(a.grads_flat, b.grads_flat)
+
+
+def test_zero_cg_steps_is_the_first_order_gradient():
+    model = mlp()
+    xs, ys, xq, yq = class_episode(3, 4, 4, (3,), 2)
+    r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, IMAMLConfig(inner_steps=3, cg_steps=0))
+    for i in range(3):
+        w = r.adapted_flat[i].clone().requires_grad_(True)
+        from _helpers import task_loss_fn
+        g = torch.autograd.grad(task_loss_fn(model, F.cross_entropy, xq[i], yq[i])(w), w)[0]
+        assert torch.allclose(r.task_grads_flat[i], g, rtol=1e-12)
+    assert (r.cg_iters == 0).all()
+
+
+def test_indefinite_operator_is_flagged_never_nan():
+    # A concave support loss: H = -2/N X'X, so I + H/lam is indefinite for a small lam.
+    model = nn.Linear(3, 1, bias=False).to(DT)
+
+    def concave(out, y):
+        return -((out - y) ** 2).mean()
+
+    xs, xq = torch.randn(4, 6, 3, dtype=DT), torch.randn(4, 6, 3, dtype=DT)
+    ys, yq = torch.randn(4, 6, 1, dtype=DT), torch.randn(4, 6, 1, dtype=DT)
+    for backend in ("torch", "reference"):
+        r = meta_gradient(model, concave, xs, ys, xq, yq,
+                          IMAMLConfig(inner_steps=0, lam=0.01, cg_steps=10, backend=backend))
+        assert (r.cg_status == CG_NEGATIVE_CURVATURE).all()
+        assert torch.isfinite(r.grads_flat).all() and torch.isfinite(r.cg_residual).all()
+
+
+class _SavedTensorMeter:
+    """Counts bytes of tensors saved for backward that are still alive."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    class _Box:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(self, t):
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        box = self._Box(t.detach())  # detached: keeping t itself would make a cycle through t.grad_fn
+        weakref.finalize(box, self._free, n)
+        return box
+
+    def _free(self, n):
+        self.live -= n
+
+    @staticmethod
+    def unpack(box):
+        return box.t
+
+
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_memory_does_not_grow_with_inner_steps(solver):
+    model = conv_bn()
+    xs, ys, xq, yq = class_episode(3, 5, 5, (1, 6, 6), 3)
+    peaks = []
+    for steps in (2, 12):
+        meter = _SavedTensorMeter()
+        cfg = IMAMLConfig(inner_solver=solver, inner_steps=steps, task_batching="loop", hvp="revrev")
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+        assert meter.peak > 0
+        assert meter.live == 0  # nothing of any graph outlives the call
+        assert r.grads_flat.grad_fn is None and not r.adapted_flat.requires_grad
+        peaks.append(meter.peak)
+    assert peaks[0] == peaks[1]

@@ -1,0 +1,97 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _helpers import DT, class_episode, flat_params, mlp
+from imaml_fast import FunctionalModel
+from imaml_fast.inner import inner_gd, inner_hf, prox_update_ref, regularised_loss
+
+
+def test_prox_update_formula():
+    phi, g = torch.randn(3, 7, dtype=DT), torch.randn(3, 7, dtype=DT)
+    theta = torch.randn(7, dtype=DT)
+    out = prox_update_ref(phi, g, theta, 0.1, 2.0)
+    for i in range(3):
+        assert torch.allclose(out[i], phi[i] - 0.1 * (g[i] + 2.0 * (phi[i] - theta)), rtol=0, atol=1e-15)
+    theta_t = theta.expand(3, -1).clone()
+    assert torch.equal(prox_update_ref(phi, g, theta_t, 0.1, 2.0), out)
+
+
+def linreg_tasks(T, N, d, scales):
+    X = torch.randn(T, N, d, dtype=DT) * scales
+    y = torch.randn(T, N, 1, dtype=DT)
+    return X, y
+
+
+def linreg_minimiser(X, y, theta, lam):
+    """argmin_w mean((Xw - y)^2) + lam/2 ||w - theta||^2, in closed form."""
+    N, d = X.shape[1], X.shape[2]
+    A = 2.0 / N * X.transpose(1, 2) @ X + lam * torch.eye(d, dtype=DT)
+    rhs = 2.0 / N * X.transpose(1, 2) @ y + lam * theta.view(1, d, 1)
+    return torch.linalg.solve(A, rhs).squeeze(-1)
+
+
+def test_gd_and_hf_converge_to_the_closed_form_minimiser():
+    d, lam = 4, 0.5
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    fm = FunctionalModel(model, F.mse_loss)
+    X, y = linreg_tasks(3, 6, d, torch.ones(d, dtype=DT))
+    theta = fm.theta
+    exact = linreg_minimiser(X, y, theta, lam)
+    L = torch.linalg.eigvalsh(2.0 / 6 * X.transpose(1, 2) @ X).max().item() + lam
+    gd = inner_gd(fm, theta, X, y, steps=800, lr=1.0 / L, lam=lam)
+    assert torch.allclose(gd.phi, exact, rtol=1e-9, atol=1e-10)
+    hf = inner_hf(fm, theta, X, y, steps=2, lam=lam, cg_steps=d, cg_tol=1e-14, ls_steps=5)
+    assert torch.allclose(hf.phi, exact, rtol=1e-9, atol=1e-10)
+
+
+def test_gd_and_hf_reach_the_same_minimiser_of_a_nonlinear_problem():
+    model = mlp()
+    fm = FunctionalModel(model, F.cross_entropy)
+    xs, ys, _, _ = class_episode(3, 8, 1, (3,), 2)
+    lam = 1.0
+    gd = inner_gd(fm, fm.theta, xs, ys, steps=400, lr=0.5, lam=lam)
+    hf = inner_hf(fm, fm.theta, xs, ys, steps=8, lam=lam, cg_steps=32, cg_tol=1e-12, ls_steps=20)
+    g, _, _ = fm.grad_and_losses(hf.phi, xs, ys)
+    assert (g + lam * (hf.phi - fm.theta)).norm(dim=1).max() < 1e-10  # stationary
+    assert torch.allclose(gd.phi, hf.phi, rtol=1e-8, atol=1e-9)
+
+
+def test_hf_beats_gd_for_equal_evaluations_on_an_ill_conditioned_problem():
+    d, lam = 6, 1e-3
+    scales = torch.logspace(0, -2, d, dtype=DT)  # Hessian eigenvalues spread over ~1e4
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    fm = FunctionalModel(model, F.mse_loss)
+    X, y = linreg_tasks(4, 20, d, scales)
+    theta = fm.theta
+    exact = linreg_minimiser(X, y, theta, lam)
+
+    def objective(phi):
+        return regularised_loss(fm.losses(phi, X, y), phi, theta, lam)
+
+    hf = inner_hf(fm, theta, X, y, steps=2, lam=lam, cg_steps=d, cg_tol=0.0, ls_steps=10)
+    budget = hf.grad_evals + hf.hvp_evals
+    assert budget == 2 + 2 * d
+    L = torch.linalg.eigvalsh(2.0 / 20 * X.transpose(1, 2) @ X).max().item() + lam
+    gd = inner_gd(fm, theta, X, y, steps=budget, lr=1.0 / L, lam=lam)
+    opt = objective(exact)
+    gap_hf = objective(hf.phi) - opt
+    gap_gd = objective(gd.phi) - opt
+    assert (gap_hf < 1e-10).all()
+    assert (gap_gd > 1e3 * gap_hf.clamp_min(1e-16)).all()
+    assert (gap_gd > 1e-6).all()
+
+
+def test_hf_line_search_never_increases_the_regularised_objective():
+    model = mlp(hidden=8)
+    fm = FunctionalModel(model, F.cross_entropy)
+    xs, ys, _, _ = class_episode(5, 6, 1, (3,), 2)
+    xs = xs * 3
+    lam = 0.05  # weak proximal term: the Hessian can be indefinite, CG may flag
+    prev = regularised_loss(fm.losses(fm.theta.expand(5, -1), xs, ys), fm.theta.expand(5, -1), fm.theta, lam)
+    for k in range(1, 6):
+        phi = inner_hf(fm, fm.theta, xs, ys, steps=k, lam=lam, cg_steps=10, cg_tol=1e-12, ls_steps=30).phi
+        cur = regularised_loss(fm.losses(phi, xs, ys), phi, fm.theta, lam)
+        assert torch.isfinite(cur).all()
+        assert (cur <= prev + 1e-12).all()
+        prev = cur

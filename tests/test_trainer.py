@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import DT, class_episode, conv_bn, flat_params, mlp
+from imaml_fast import IMAML, IMAMLConfig, meta_gradient
+
+CFG = IMAMLConfig(inner_steps=3, cg_steps=4)
+
+
+def test_meta_step_is_an_optimizer_step_with_the_meta_gradient():
+    model = conv_bn()
+    ep = class_episode(4, 5, 5, (1, 6, 6), 3)
+    expected = meta_gradient(model, F.cross_entropy, *ep, CFG)
+    theta0 = flat_params(model)
+    learner = IMAML(model, F.cross_entropy, CFG, torch.optim.SGD(model.parameters(), lr=0.5))
+    stats = learner.meta_step(*ep)
+    assert torch.allclose(flat_params(model), theta0 - 0.5 * expected.grads_flat, rtol=0, atol=1e-14)
+    d = stats.to_dict()
+    assert d["backend"] == "torch" and d["cg_iters"] == 4.0
+    assert abs(d["query_loss"] - expected.query_loss.mean().item()) < 1e-12
+    assert sum(d["cg_status"].values()) == 4
+
+
+def test_accumulate_adds_into_grad_like_backward():
+    model = mlp()
+    ep = class_episode(3, 4, 4, (3,), 2)
+    g = meta_gradient(model, F.cross_entropy, *ep, CFG).grads
+    learner = IMAML(model, F.cross_entropy, CFG)
+    # another loss on the same parameters first
+    model(torch.randn(2, 3, dtype=DT)).sum().backward()
+    other = {n: p.grad.clone() for n, p in model.named_parameters()}
+    learner.accumulate(*ep)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, other[n] + g[n], rtol=1e-14)
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_same(model, opt, snap):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[0][k])
+    assert repr(opt.state_dict()) == repr(snap[1])
+
+
+def test_failed_meta_step_changes_nothing():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    learner = IMAML(model, F.cross_entropy, CFG, opt)
+    ep = list(class_episode(3, 4, 4, (3,), 2))
+    learner.meta_step(*ep)  # Adam now has state
+    snap = _snapshot(model, opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    bad = list(ep)
+    bad[0] = bad[0].clone()
+    bad[0][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        learner.meta_step(*bad)
+    with pytest.raises(ValueError, match="mismatched"):
+        learner.meta_step(ep[0], ep[1], ep[2][:2], ep[3][:2])
+    _assert_same(model, opt, snap)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_non_finite_meta_gradient_is_refused_and_changes_nothing():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # An inner step this large makes the inner loop overflow.
+    learner = IMAML(model, F.cross_entropy, IMAMLConfig(inner_steps=400, inner_lr=1e6), opt)
+    xs, ys, xq, yq = class_episode(2, 4, 4, (3,), 2)
+    snap = _snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match="lower inner_lr"):
+        learner.meta_step(xs * 1e3, ys, xq, yq)
+    _assert_same(model, opt, snap)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_adapt_and_predict():
+    model = conv_bn()
+    xs, ys, xq, yq = class_episode(3, 5, 4, (1, 6, 6), 3)
+    learner = IMAML(model, F.cross_entropy, CFG)
+    adapted = learner.adapt(xs, ys)
+    r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, CFG)
+    for n in adapted:
+        assert torch.equal(adapted[n], r.adapted[n])
+    out = learner.predict(adapted, xq)
+    assert out.shape == (3, 4, 3)
+    for i in range(3):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(adapted[n][i])
+        assert torch.allclose(out[i], m(xq[i]), atol=1e-12)
+    with pytest.raises(ValueError, match="T=2"):
+        learner.predict(adapted, xq[:2])
+
+
+def test_meta_training_reduces_query_loss():
+    """A few meta-steps on a fixed family of tasks lower the post-adaptation query loss."""
+    torch.manual_seed(1)
+    model = mlp(d_in=3, hidden=8, d_out=2)
+    w_true = torch.randn(3, dtype=DT)
+    xs, xq = torch.randn(8, 10, 3, dtype=DT), torch.randn(8, 10, 3, dtype=DT)
+    ys, yq = (xs @ w_true > 0).long(), (xq @ w_true > 0).long()
+    learner = IMAML(model, F.cross_entropy, IMAMLConfig(inner_steps=5, cg_steps=5, lam=1.0),
+                    torch.optim.Adam(model.parameters(), lr=0.05))
+    first = learner.meta_step(xs, ys, xq, yq).result.query_loss.mean().item()
+    for _ in range(30):
+        last = learner.meta_step(xs, ys, xq, yq).result.query_loss.mean().item()
+    assert last < 0.5 * first
+
+
+def test_meta_step_needs_an_optimizer():
+    learner = IMAML(mlp(), F.cross_entropy, CFG)
+    with pytest.raises(ValueError, match="outer optimizer"):
+        learner.meta_step(*class_episode(2, 3, 3, (3,), 2))
