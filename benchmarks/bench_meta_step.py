@@ -103,7 +103,24 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(markdown_table(meta, rows))
     return rows
+
+
+def markdown_table(meta, rows):
+    s = meta["settings"]
+    where = meta.get("gpu") or f"{meta['cpu']} CPU, {meta['threads']} threads"
+    head = (f"{where}, torch {meta['torch']}, {meta['date']}: omniglot network, "
+            f"{s['n_way']}-way {s['shots']}-shot, T = {s['tasks']}, {s['inner_steps']} inner steps, "
+            f"{s['cg_steps']} CG steps, median of {s['repeats']} after warm-up\n\n")
+    lines = ["| variant | s / meta-step | tasks / s | vs reference | ran as |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['tasks_per_s']:.1f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {r['backend']}, hvp={r['hvp']}, "
+                     f"task_batching={r['task_batching']} |")
+    return head + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -92,22 +92,29 @@ class FunctionalModel:
     def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward_one(flat, x), y)
 
+    @staticmethod
+    def spans(T: int, strategy) -> List[Tuple[int, int]]:
+        """The task ranges one call handles: all T for "vmap", one task for "loop", chunks
+        of k tasks for an int k."""
+        if strategy == "vmap":
+            return [(0, T)]
+        c = 1 if strategy == "loop" else int(strategy)
+        return [(i, min(i + c, T)) for i in range(0, T, c)]
+
+    def _apply(self, fn_name: str, flat: torch.Tensor, args: Sequence[torch.Tensor], loop: bool):
+        fn = getattr(self, fn_name)
+        if loop:  # a plain functional call, no vmap
+            return fn(flat[0], *(a[0] for a in args)).unsqueeze(0)
+        return vmap(fn)(flat, *args)
+
     def run_batched(self, fn_name: str, flat: torch.Tensor, args: Sequence[torch.Tensor],
                     strategy) -> torch.Tensor:
         """Apply forward_one / loss_one to every task of flat [T, P] with the given strategy:
-        "loop" (one call per task), or an int chunk size for vmap (T or more = all at once)."""
-        fn = getattr(self, fn_name)
-        T = flat.shape[0]
-        if strategy == "loop":
-            return torch.stack([fn(flat[i], *(a[i] for a in args)) for i in range(T)])
-        chunk = T if strategy == "vmap" else int(strategy)
-        batched = vmap(fn)
-        if chunk >= T:
-            return batched(flat, *args)
-        return torch.cat([
-            batched(flat[i : i + chunk], *(a[i : i + chunk] for a in args))
-            for i in range(0, T, chunk)
-        ])
+        "vmap" (all tasks in one vmap), "loop" (one call per task) or an int chunk size."""
+        loop = strategy == "loop"
+        out = [self._apply(fn_name, flat[a:b], [t[a:b] for t in args], loop)
+               for a, b in self.spans(flat.shape[0], strategy)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def losses(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, strategy="vmap"):
         """Per-task losses [T] for flat [T, P], x [T, N, ...], y [T, N, ...]."""
@@ -117,14 +124,27 @@ class FunctionalModel:
         """Per-task model outputs [T, N, ...]."""
         return self.run_batched("forward_one", flat, (x,), strategy)
 
-    def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap",
-                        create_graph=False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-task gradients [T, P] of the per-task losses, the losses [T] and the leaf the
-        gradient was taken at. Tasks are independent, so the gradient of the summed loss with
-        respect to the [T, P] leaf is exactly the stack of per-task gradients."""
+    def grad_pieces(self, flat: torch.Tensor, x, y, strategy="vmap", create_graph=False):
+        """Per-task gradients of the per-task losses, one piece per span of tasks.
+
+        Each span gets its own leaf: tasks are independent, so the gradient of the summed
+        loss with respect to a span's leaf is exactly the stack of that span's per-task
+        gradients. (One [T, P] leaf sliced per span would make every span's backward write a
+        full [T, P] gradient: O(T^2 P) work for a loop over tasks.)
+        Returns (grads, leaves, losses [T]) with grads and leaves as lists over spans."""
         with torch.enable_grad():
-            leaf = flat.detach().requires_grad_(True)
-            losses = self.losses(leaf, x, y, strategy)
-            (g,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create_graph,
-                                       allow_unused=True, materialize_grads=True)
-        return g, losses.detach(), leaf
+            loop = strategy == "loop"
+            leaves, losses = [], []
+            for a, b in self.spans(flat.shape[0], strategy):
+                leaf = flat[a:b].detach().requires_grad_(True)
+                leaves.append(leaf)
+                losses.append(self._apply("loss_one", leaf, (x[a:b], y[a:b]), loop))
+            losses = torch.cat(losses)
+            grads = torch.autograd.grad(losses.sum(), leaves, create_graph=create_graph,
+                                        allow_unused=True, materialize_grads=True)
+        return list(grads), leaves, losses.detach()
+
+    def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap"):
+        """Per-task gradients [T, P] and losses [T] (no graph kept)."""
+        grads, _, losses = self.grad_pieces(flat, x, y, strategy)
+        return (grads[0] if len(grads) == 1 else torch.cat(grads)), losses

@@ -38,12 +38,13 @@ class BatchedHVP:
         self.phi = phi.detach().contiguous()  # forward-mode AD refuses stride-0 (expanded) primals
         self.calls = 0
         if self.mode == "revrev":
-            g, self.losses, self._leaf = fm.grad_and_losses(phi, x, y, strategy, create_graph=True)
-            self._g = g
-            self.grad = g.detach()
+            self._g, self._leaves, self.losses = fm.grad_pieces(phi, x, y, strategy,
+                                                                create_graph=True)
+            self._sizes = [leaf.shape[0] for leaf in self._leaves]
+            self.grad = torch.cat([g.detach() for g in self._g])
         elif self.mode == "fwdrev":
             if need_grad:
-                self.grad, self.losses, _ = fm.grad_and_losses(phi, x, y, strategy)
+                self.grad, self.losses = fm.grad_and_losses(phi, x, y, strategy)
             else:
                 self.grad = None
                 with torch.no_grad():
@@ -55,15 +56,18 @@ class BatchedHVP:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.mode == "revrev":
-            if not self._g.requires_grad:  # loss linear in the parameters: H = 0
+            # Every span runs the same function, so either all or none of the gradients
+            # depend on the parameters; none means a loss linear in them: H = 0.
+            if not self._g[0].requires_grad:
                 return torch.zeros_like(v)
             with torch.enable_grad():
-                (hv,) = torch.autograd.grad(self._g, self._leaf, v, retain_graph=True,
-                                            allow_unused=True, materialize_grads=True)
-            return hv
+                hv = torch.autograd.grad(self._g, self._leaves, torch.split(v, self._sizes),
+                                         retain_graph=True, allow_unused=True,
+                                         materialize_grads=True)
+            return hv[0] if len(hv) == 1 else torch.cat(hv)
         with torch.enable_grad():
             return jvp(self._gradfn, (self.phi,), (v.to(self.phi.dtype),))[1]
 
     def release(self) -> None:
         """Drop the retained graph (revrev) as soon as the solve is done."""
-        self._g = self._leaf = None
+        self._g = self._leaves = None

@@ -82,7 +82,7 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     inner = solve_inner(fm, theta, xs, ys, config, strategy, ops)
     with torch.no_grad():
         phi = inner.phi
-        gq, query_loss, _ = fm.grad_and_losses(phi, xq, yq, strategy)
+        gq, query_loss = fm.grad_and_losses(phi, xq, yq, strategy)
         T = phi.shape[0]
         hvp_calls = 0
         if config.cg_steps == 0:

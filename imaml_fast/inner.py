@@ -49,7 +49,7 @@ def inner_gd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: 
     T = x.shape[0]
     phi = theta.expand(T, -1).clone()
     for _ in range(steps):
-        g, _, _ = fm.grad_and_losses(phi, x, y, strategy)
+        g, _ = fm.grad_and_losses(phi, x, y, strategy)
         phi = prox_update(phi, g, theta, lr, lam)
     return InnerResult(phi=phi, grad_evals=steps)
 
