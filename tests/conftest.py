@@ -1,8 +1,14 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+# Triton kernels run on the host under the interpreter where there is no GPU. This must be
+# set before triton is first imported (when the kernels are decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

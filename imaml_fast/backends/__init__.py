@@ -58,6 +58,16 @@ register_backend(Backend(
     summary="all tasks together: vmap/chunked functional calls, one reused HVP graph, "
             "masked batched CG on flat [T, P] buffers, pure PyTorch on any device"))
 
+def _register_kernel_backends():
+    from . import triton as _triton
+
+    register_backend(Backend(
+        name="triton", batched=True, why_not=_triton.why_not, load_ops=_triton.load_ops,
+        summary="the torch backend with the fused CG iteration and proximal update as Triton "
+                "kernels (2 passes over [T, P] per CG iteration); CUDA, or TRITON_INTERPRET=1"))
+
+
+_register_kernel_backends()
 BACKEND_NAMES = ("auto",) + tuple(_REGISTRY)
 
 
