@@ -11,7 +11,7 @@ so memory does not depend on the number of inner steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -48,34 +48,56 @@ class MetaGradient:
     evals: Dict[str, int] = field(default_factory=dict)  # batched gradient/HVP/loss counts
 
 
+def implicit_operator(config: IMAMLConfig) -> Tuple[float, float]:
+    """(shift, scale) of the implicit system (shift I + scale H) g = grad L_query:
+    the paper's I + (H + cg_damping I) / lam."""
+    return 1.0 + config.cg_damping / config.lam, 1.0 / config.lam
+
+
+def _check_operator(operator):
+    ok = (isinstance(operator, (tuple, list)) and len(operator) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in operator))
+    if not ok or not operator[0] > 0 or not operator[1] >= 0:
+        raise ValueError(f"operator={operator!r} is invalid: expected (shift, scale) with "
+                         f"shift > 0 and scale >= 0, solving (shift I + scale H) g = grad")
+    return float(operator[0]), float(operator[1])
+
+
 def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_query, y_query,
                   config: Optional[IMAMLConfig] = None,
-                  params: Optional[Dict[str, torch.Tensor]] = None) -> MetaGradient:
+                  params: Optional[Dict[str, torch.Tensor]] = None,
+                  operator: Optional[Tuple[float, float]] = None) -> MetaGradient:
     """iMAML meta-gradient for a meta-batch of T tasks.
 
     x_support [T, N, ...], y_support [T, N, ...], x_query [T, M, ...], y_query [T, M, ...].
     loss_fn(model_output, labels) -> scalar is applied per task (for example F.cross_entropy).
     params: the meta-parameters theta as {name: tensor}; default model.named_parameters().
+    operator: (shift, scale) to solve (shift I + scale H) g = grad L_query instead of the
+        paper's operator implicit_operator(config) (compatibility layers use this to
+        reproduce other implementations' numerics).
     The model's parameters are only read, never changed.
     """
     config = IMAMLConfig() if config is None else config
     if not isinstance(config, IMAMLConfig):
         raise ValueError(f"config must be an IMAMLConfig, got {type(config).__name__}")
     fm = FunctionalModel(model, loss_fn, params)
-    return meta_gradient_flat(fm, x_support, y_support, x_query, y_query, config)
+    return meta_gradient_flat(fm, x_support, y_support, x_query, y_query, config,
+                              operator=operator)
 
 
 def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
-                       theta: Optional[torch.Tensor] = None) -> MetaGradient:
+                       theta: Optional[torch.Tensor] = None,
+                       operator: Optional[Tuple[float, float]] = None) -> MetaGradient:
     """meta_gradient() on a FunctionalModel, with theta as a flat [P] vector
     (default fm.theta)."""
     theta = fm.theta if theta is None else theta
+    shift, scale = implicit_operator(config) if operator is None else _check_operator(operator)
     validate_episode(fm, theta, xs, ys, xq, yq)
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
     if not backend.batched:
         from .backends.reference import meta_gradient_reference
 
-        return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config)
+        return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
     ops = backend.ops()
     strategy = choose_strategy(config.task_batching, fm, theta, xs, ys)
     hvp_mode = resolve_hvp_mode(config.hvp)
@@ -95,8 +117,6 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
         else:
             hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy)
             inner_loss = hvp.losses
-            shift = 1.0 + config.cg_damping / config.lam
-            scale = 1.0 / config.lam
             sol = cg_solve(lambda v: shift * v + scale * hvp(v), gq, max_iter=config.cg_steps,
                            tol=config.cg_tol, update=ops["cg_update"])
             hvp_calls = hvp.calls

@@ -114,13 +114,13 @@ def _inner_hf(loss_of, theta, config):
     return phi
 
 
-def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config):
+def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
+    """operator = (shift, scale): the CG operator is shift I + scale H."""
     from ..implicit import MetaGradient
 
     T = xs.shape[0]
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
-    shift = 1.0 + config.cg_damping / config.lam
-    scale = 1.0 / config.lam
+    shift, scale = operator
     for i in range(T):
         def support(w, i=i):
             return fm.loss_one(w, xs[i], ys[i])
