@@ -13,6 +13,7 @@ from typing import Union
 INNER_SOLVERS = ("gd", "hf")
 HVP_MODES = ("auto", "fwdrev", "revrev")
 TASK_BATCHING = ("auto", "vmap", "loop")
+CG_DENSE = ("auto", "never", "always")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -56,6 +57,10 @@ class IMAMLConfig:
         tasks in one vmap), "loop" (one functional call per task), an int k (vmap over chunks
         of k tasks) or "auto" (measured once per model, shape and device, then cached).
     check_finite: IMAML.meta_step refuses a non-finite meta-gradient (one host sync per step).
+    cg_dense: "always" materialises each task's support Hessian [T, P, P] once and runs the
+        whole implicit CG solve in one kernel launch (small models); "never" keeps the
+        matrix-free solve; "auto" takes the dense path on CUDA devices for P <= 4096 (see
+        imaml_fast.dense for why not on the CPU).
     """
 
     inner_solver: str = "gd"
@@ -71,6 +76,7 @@ class IMAMLConfig:
     hf_ls_steps: int = 10
     task_batching: Union[str, int] = "auto"
     check_finite: bool = True
+    cg_dense: str = "auto"
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -94,6 +100,8 @@ class IMAMLConfig:
             tb in TASK_BATCHING or (isinstance(tb, int) and tb >= 1)
         ):
             _fail("task_batching", tb, f"allowed values are {TASK_BATCHING} or an int >= 1")
+        if self.cg_dense not in CG_DENSE:
+            _fail("cg_dense", self.cg_dense, f"allowed values are {CG_DENSE}")
         if not isinstance(self.check_finite, bool):
             _fail("check_finite", self.check_finite, "expected True or False")
 

@@ -19,6 +19,7 @@ from torch import nn
 from .backends import resolve_backend
 from .batching import choose_strategy
 from .cg import CG_MAX_ITER, batched_dot, cg_solve
+from .dense import dense_fits, support_hessians
 from .config import IMAMLConfig
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
@@ -43,7 +44,7 @@ class MetaGradient:
     task_grads_flat: torch.Tensor         # [T, P]
     adapted_flat: torch.Tensor            # [T, P]
     backend: str = ""                     # the backend that ran
-    hvp: str = ""                         # the HVP mode that ran
+    hvp: str = ""                         # the HVP mode that ran ("dense": Hessians materialised)
     task_batching: object = None          # the task-batching strategy that ran
     evals: Dict[str, int] = field(default_factory=dict)  # batched gradient/HVP/loss counts
 
@@ -61,6 +62,14 @@ def _check_operator(operator):
         raise ValueError(f"operator={operator!r} is invalid: expected (shift, scale) with "
                          f"shift > 0 and scale >= 0, solving (shift I + scale H) g = grad")
     return float(operator[0]), float(operator[1])
+
+
+def _use_dense(config: IMAMLConfig, fm: FunctionalModel, phi: torch.Tensor, ops) -> bool:
+    if config.cg_dense == "never" or "dense_cg" not in ops:
+        return False
+    if config.cg_dense == "always":
+        return True
+    return phi.device.type == "cuda" and dense_fits(phi.shape[0], phi.shape[1], phi.dtype)
 
 
 def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_query, y_query,
@@ -94,6 +103,9 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     shift, scale = implicit_operator(config) if operator is None else _check_operator(operator)
     validate_episode(fm, theta, xs, ys, xq, yq)
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
+    if config.cg_dense == "always" and "dense_cg" not in backend.ops():
+        raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "
+                         f"use backend 'torch', 'triton', 'cpp' or 'cuda'")
     if not backend.batched:
         from .backends.reference import meta_gradient_reference
 
@@ -114,6 +126,12 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
             cg_iters = torch.zeros(T, dtype=torch.long, device=phi.device)
             cg_residual = batched_dot(gq, gq).sqrt()
             cg_status = torch.full((T,), CG_MAX_ITER, dtype=torch.int8, device=phi.device)
+        elif _use_dense(config, fm, phi, ops):
+            H = support_hessians(fm, phi, xs, ys, strategy)
+            inner_loss = fm.losses(phi, xs, ys, strategy)
+            task_flat, cg_iters, cg_residual, cg_status = ops["dense_cg"](
+                H, gq, shift, scale, config.cg_steps, config.cg_tol)
+            hvp_mode = "dense"
         else:
             hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy)
             inner_loss = hvp.losses

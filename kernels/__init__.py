@@ -5,6 +5,7 @@ ops are first asked for. On a CPU the kernels run under TRITON_INTERPRET=1 (set 
 triton is imported), which is how CI tests them against their references.
 """
 from .cg import cg_update
+from .dense import dense_cg
 from .vector import batched_dot, prox_update
 
-__all__ = ["cg_update", "prox_update", "batched_dot"]
+__all__ = ["cg_update", "dense_cg", "prox_update", "batched_dot"]

@@ -22,7 +22,7 @@ def _check(name, t, like):
 
 
 @triton.jit
-def _prox_update_kernel(phi_ptr, g_ptr, theta_ptr, out_ptr, P, lr, lam,
+def _prox_update_kernel(phi_ptr, g_ptr, theta_ptr, out_ptr, coef_ptr, P,
                         THETA_PER_TASK: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -34,6 +34,10 @@ def _prox_update_kernel(phi_ptr, g_ptr, theta_ptr, out_ptr, P, lr, lam,
         theta = tl.load(theta_ptr + row + offs, mask=mask, other=0.0)
     else:
         theta = tl.load(theta_ptr + offs, mask=mask, other=0.0)
+    # lr and lam come from a small tensor in the arithmetic dtype: a Python float argument
+    # would be passed as fp32 and round an fp64 update at 1e-8.
+    lr = tl.load(coef_ptr)
+    lam = tl.load(coef_ptr + 1)
     if phi.dtype == tl.float64:
         new = phi - lr * (g + lam * (phi - theta))
     else:  # bf16/fp16/fp32 storage, fp32 arithmetic
@@ -56,8 +60,8 @@ def prox_update(phi: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, lr: flo
                          f"{tuple(theta.shape)} {theta.dtype}")
     out = torch.empty_like(phi)
     grid = (T, triton.cdiv(P, BLOCK))
-    _prox_update_kernel[grid](phi, g, theta, out, P, float(lr), float(lam),
-                              THETA_PER_TASK=per_task, BLOCK=BLOCK)
+    coef = coefficients((lr, lam), acc_dtype(phi.dtype), phi.device)
+    _prox_update_kernel[grid](phi, g, theta, out, coef, P, THETA_PER_TASK=per_task, BLOCK=BLOCK)
     return out
 
 
@@ -75,6 +79,22 @@ def _dot_partial_kernel(a_ptr, b_ptr, part_ptr, P, NB, BLOCK: tl.constexpr):
     else:
         s = tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=0)
     tl.store(part_ptr + t * NB + blk, s)
+
+
+_COEFS = {}
+
+
+def coefficients(values, dtype, device):
+    """A small device tensor of scalar coefficients, cached: building it anew would copy from
+    pageable host memory on every call, which synchronises the stream and cannot be captured
+    in a CUDA graph."""
+    key = (tuple(float(v) for v in values), dtype, str(device))
+    t = _COEFS.get(key)
+    if t is None:
+        if len(_COEFS) > 256:
+            _COEFS.clear()
+        t = _COEFS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+    return t
 
 
 def acc_dtype(dtype):

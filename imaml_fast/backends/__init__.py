@@ -43,10 +43,12 @@ def register_backend(backend: Backend) -> None:
 
 
 def _torch_ops():
-    from ..cg import cg_update_ref
+    from ..cg import batched_dot, cg_update_ref
+    from ..dense import dense_cg_ref
     from ..inner import prox_update_ref
 
-    return {"cg_update": cg_update_ref, "prox_update": prox_update_ref}
+    return {"cg_update": cg_update_ref, "prox_update": prox_update_ref,
+            "batched_dot": batched_dot, "dense_cg": dense_cg_ref}
 
 
 register_backend(Backend(

@@ -42,4 +42,4 @@ def load_ops():
     from .. import kernels
 
     return {"cg_update": kernels.cg_update, "prox_update": kernels.prox_update,
-            "batched_dot": kernels.batched_dot}
+            "batched_dot": kernels.batched_dot, "dense_cg": kernels.dense_cg}

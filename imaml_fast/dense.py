@@ -1,0 +1,67 @@
+"""The dense path for small models: materialise each task's Hessian once, then solve.
+
+For a small network (the 1-40-40-1 sinusoid MLP has P = 1,761) a matrix-free CG step is a
+whole forward/backward pass of tiny kernels: on a GPU each product is bound by launch
+latency, not arithmetic. Materialising H_i [T, P, P] costs one batched forward-over-reverse
+Jacobian of the gradient, after which the whole CG solve, every iteration of every task, is
+one kernel launch (kernels.dense_cg / the C++ and CUDA twins). On a CPU the P products of the
+materialisation cost far more than the few matrix-free products they replace, so "auto"
+uses the dense path only on CUDA devices.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cg import CGResult, cg_solve
+from .functional import FunctionalModel
+
+# Largest P for which "auto" materialises Hessians, and the most memory they may take.
+DENSE_MAX_PARAMS = 4096
+DENSE_MAX_BYTES = 2 << 30
+
+
+def dense_fits(T: int, P: int, dtype: torch.dtype) -> bool:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return P <= DENSE_MAX_PARAMS and T * P * P * elem <= DENSE_MAX_BYTES
+
+
+def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vmap",
+                     chunk: int = 256) -> torch.Tensor:
+    """H [T, P, P]: the Hessian of each task's support loss at phi_i.
+
+    The support gradient is built once with create_graph=True and differentiated again
+    against `chunk` basis vectors at a time in one batched backward (is_grads_batched).
+    torch.func.hessian is not used: on torch 2.13 its reverse-over-reverse through
+    batch-statistics BatchNorm gives wrong entries (0.21 where the exact value is 0 for a
+    conv bias feeding a BatchNorm; tests/test_dense.py compares against autograd).
+    """
+    T, P = phi.shape
+    H = phi.new_empty(T, P, P)
+    with torch.enable_grad():
+        grads, leaves, _ = fm.grad_pieces(phi, x, y, strategy, create_graph=True)
+        start = 0
+        for g, leaf in zip(grads, leaves):
+            n = leaf.shape[0]
+            if not g.requires_grad:  # loss linear in the parameters
+                H[start:start + n] = 0
+                start += n
+                continue
+            for j0 in range(0, P, chunk):
+                j1 = min(j0 + chunk, P)
+                basis = torch.zeros(j1 - j0, n, P, dtype=phi.dtype, device=phi.device)
+                idx = torch.arange(j1 - j0, device=phi.device)
+                basis[idx, :, j0 + idx] = 1
+                (cols,) = torch.autograd.grad(g, leaf, basis, retain_graph=True,
+                                              is_grads_batched=True)
+                H[start:start + n, :, j0:j1] = cols.permute(1, 2, 0)
+            start += n
+    return H
+
+
+def dense_cg_ref(H: torch.Tensor, b: torch.Tensor, shift: float, scale: float, max_iter: int,
+                 tol: float):
+    """(x, iters, residual, status) of CG on (shift I + scale H_t) x = b_t for every task:
+    the matrix-free batched CG with a dense matvec. Kernels implement the same contract."""
+    res: CGResult = cg_solve(lambda v: shift * v + scale * torch.einsum("tij,tj->ti", H, v), b,
+                             max_iter=max_iter, tol=tol)
+    return res.x, res.iters, res.residual, res.status

@@ -1,0 +1,68 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import DT, class_episode, conv_bn, hessian, mlp, rel_err, task_loss_fn
+from imaml_fast import CG_CONVERGED, CG_NEGATIVE_CURVATURE, FunctionalModel, IMAMLConfig, meta_gradient
+from imaml_fast.dense import dense_cg_ref, dense_fits, support_hessians
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", 2])
+@pytest.mark.parametrize("make,shape,n_way", [(mlp, (3,), 2), (conv_bn, (1, 6, 6), 3)])
+def test_support_hessians_match_autograd(make, shape, n_way, strategy):
+    model = make()
+    fm = FunctionalModel(model, F.cross_entropy)
+    xs, ys, _, _ = class_episode(3, 5, 1, shape, n_way)
+    phi = fm.theta + 0.1 * torch.randn(3, fm.num_params, dtype=DT)
+    H = support_hessians(fm, phi, xs, ys, strategy, chunk=7)  # odd chunks of the basis
+    for i in range(3):
+        expected = hessian(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), phi[i])
+        torch.testing.assert_close(H[i], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_cg_ref_solves_and_flags():
+    T, P = 3, 12
+    Q, _ = torch.linalg.qr(torch.randn(T, P, P, dtype=DT))
+    eig = torch.rand(T, P, dtype=DT) + 0.1
+    eig[2, 0] = -50.0  # shift + scale * H indefinite for task 2
+    H = Q @ torch.diag_embed(eig) @ Q.transpose(1, 2)
+    b = torch.randn(T, P, dtype=DT)
+    b[2] = Q[2, :, 0]
+    x, iters, res, status = dense_cg_ref(H, b, 1.0, 0.5, P, 1e-12)
+    A = torch.eye(P, dtype=DT) + 0.5 * H
+    torch.testing.assert_close(x[:2], torch.linalg.solve(A[:2], b[:2]), rtol=1e-9, atol=1e-11)
+    assert status.tolist() == [CG_CONVERGED, CG_CONVERGED, CG_NEGATIVE_CURVATURE]
+    assert torch.equal(x[2], b[2])
+
+
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_dense_meta_gradient_equals_matrix_free(solver):
+    model = conv_bn()
+    ep = class_episode(4, 5, 4, (1, 6, 6), 3)
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=3 if solver == "gd" else 2, cg_steps=6,
+                      backend="torch")
+    dense = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(cg_dense="always"))
+    free = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(cg_dense="never"))
+    ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
+    assert dense.hvp == "dense" and free.hvp == "revrev"
+    for other in (free, ref):
+        assert rel_err(dense.task_grads_flat, other.task_grads_flat) < 1e-10
+        assert torch.equal(dense.cg_iters, other.cg_iters) and torch.equal(dense.cg_status, other.cg_status)
+        assert rel_err(dense.inner_loss, other.inner_loss) < 1e-12
+
+
+def test_auto_stays_matrix_free_on_cpu_and_reference_has_no_dense_path():
+    model = mlp()
+    ep = class_episode(2, 4, 4, (3,), 2)
+    r = meta_gradient(model, F.cross_entropy, *ep, IMAMLConfig(inner_steps=1))
+    assert r.hvp == "revrev"
+    with pytest.raises(ValueError, match="no dense CG"):
+        meta_gradient(model, F.cross_entropy, *ep, IMAMLConfig(inner_steps=1, backend="reference", cg_dense="always"))
+    with pytest.raises(ValueError, match="IMAMLConfig.cg_dense="):
+        IMAMLConfig(cg_dense="sometimes")
+
+
+def test_dense_fits_limits():
+    assert dense_fits(32, 1761, torch.float32)
+    assert not dense_fits(32, 113_221, torch.float32)
+    assert not dense_fits(100_000, 4096, torch.float32)  # memory bound
