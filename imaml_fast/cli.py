@@ -1,0 +1,160 @@
+"""The `imaml-fast` command (also `python -m imaml_fast`).
+
+    imaml-fast train [PRESET] [--steps N] [--lam 2] ... [--out DIR] [--resume]
+    imaml-fast eval CHECKPOINT [--tasks 600] [--data-root DIR] [--out FILE]
+    imaml-fast download --data-root DIR
+    imaml-fast backends
+
+A user error (bad flag value, missing or corrupt data, a checkpoint from another
+configuration) prints one line naming the problem and the fix, and exits with status 2,
+without a traceback and without leaving half-written files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+from .config import HVP_MODES, INNER_SOLVERS
+from .presets import PRESETS
+
+
+def _task_batching(value: str):
+    if value in ("auto", "vmap", "loop"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use auto, vmap, loop or a chunk size") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a chunk size must be >= 1")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imaml-fast", description="Meta-train and evaluate iMAML.")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,download,backends}")
+
+    t = sub.add_parser("train", help="meta-train (default preset: sinusoid, under a minute on a CPU)")
+    t.add_argument("preset", nargs="?", default="sinusoid", choices=sorted(PRESETS),
+                   help="settings to start from (default: sinusoid)")
+    g = t.add_argument_group("settings (override the preset)")
+    g.add_argument("--steps", type=_positive_int, help="meta-steps in total")
+    g.add_argument("--tasks", type=_positive_int, help="tasks per meta-batch")
+    g.add_argument("--n-way", type=_positive_int)
+    g.add_argument("--k-shot", type=_positive_int, help="support examples per class")
+    g.add_argument("--q-query", type=_positive_int, help="query examples per class")
+    g.add_argument("--inner-solver", choices=INNER_SOLVERS)
+    g.add_argument("--inner-steps", type=_positive_int)
+    g.add_argument("--inner-lr", type=float)
+    g.add_argument("--lam", type=float, help="proximal regularisation strength")
+    g.add_argument("--cg-steps", type=_positive_int)
+    g.add_argument("--cg-tol", type=float)
+    g.add_argument("--cg-damping", type=float)
+    g.add_argument("--hvp", choices=HVP_MODES)
+    g.add_argument("--backend", help="auto, reference, torch, triton, cpp, cuda")
+    g.add_argument("--task-batching", type=_task_batching, help="auto, vmap, loop or a chunk size")
+    g.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-parameters")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--data-root", help="folder with the Omniglot zips (omniglot presets)")
+    t.add_argument("--out", help="run folder (default: runs/<preset>-<date>-<time>)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on meta-test tasks")
+    e.add_argument("checkpoint")
+    e.add_argument("--tasks", type=_positive_int, default=600)
+    e.add_argument("--data-root")
+    e.add_argument("--device")
+    e.add_argument("--out", help="result JSON (default: eval.json beside the checkpoint)")
+
+    d = sub.add_parser("download", help="fetch and verify the Omniglot zips")
+    d.add_argument("--data-root", required=True)
+
+    sub.add_parser("backends", help="list the backends and whether they run here")
+    return p
+
+
+def _train(args) -> int:
+    from .train import RunSettings, train
+
+    fields = {k: getattr(args, k) for k in (
+        "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
+        "lam", "cg_steps", "cg_tol", "cg_damping", "hvp", "backend", "task_batching", "outer_lr")}
+    out = args.out
+    if out is None:
+        if args.resume:
+            raise ValueError("--resume needs --out: the folder of the run to continue")
+        out = f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    s = RunSettings.from_preset(args.preset, **fields, seed=args.seed, device=args.device,
+                                data_root=args.data_root, out=out,
+                                checkpoint_every=args.checkpoint_every,
+                                progress=not args.no_progress)
+    summary = train(s, resume=args.resume)
+    last = summary["last"]
+    metric = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("query_loss", "accuracy", "mse"))
+    print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s ({metric}); "
+          f"run folder {out}" + ("" if summary["curve"] else " (pip install matplotlib for curve.png)"))
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+
+    r = evaluate(args.checkpoint, tasks=args.tasks, data_root=args.data_root, device=args.device,
+                 out=args.out)
+    print(f"{r['preset']} step {r['step']}: {r['metric']} {r['mean']:.2f} ± {r['ci95']:.2f}{r['unit']} "
+          f"(95% CI) over {r['tasks']} {r['split']}")
+    return 0
+
+
+def _download(args) -> int:
+    from .data import download_omniglot
+
+    path = download_omniglot(args.data_root)
+    print(f"Omniglot zips verified in {path}")
+    return 0
+
+
+def _backends(args) -> int:
+    from . import backend_info
+
+    for b in backend_info():
+        state = "available" if b["available"] else "unavailable: " + "; ".join(b["reasons"])
+        print(f"{b['name']:10s} {state}\n           {b['summary']}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
+    run = {"train": _train, "eval": _eval, "download": _download, "backends": _backends}[args.command]
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:  # user errors: DataError, CheckpointError, bad values
+        print(f"imaml-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imaml-fast: interrupted; the last checkpoint is intact (resume with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Meta-training and evaluation runs: what `imaml-fast train` and `imaml-fast eval` do.
+
+A run folder holds settings.json, metrics.jsonl (one line per meta-step), checkpoint.pt
+(model, outer optimizer, episode sampler and RNG states, written atomically every
+`checkpoint_every` steps and at the end) and curve.png (when matplotlib is installed).
+A resumed run continues from checkpoint.pt and ends with parameters bit-identical to an
+uninterrupted run: the episode stream, the optimizer state, the RNG state and the
+task-batching strategy (which changes floating-point summation order) all come back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .batching import choose_strategy
+from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
+                         write_json_atomic)
+from .config import IMAMLConfig
+from .functional import FunctionalModel
+from .models import omniglot_conv, sinusoid_mlp
+from .presets import PRESETS
+from .trainer import IMAML
+
+# Settings a resumed run may change; every other field must match the checkpoint.
+RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress")
+EVAL_SEED = 2019  # meta-test episodes come from their own stream, the same for every run
+
+
+@dataclass
+class RunSettings:
+    preset: str = "sinusoid"
+    task: str = "sinusoid"
+    n_way: int = 1
+    k_shot: int = 10
+    q_query: int = 10
+    tasks: int = 10
+    steps: int = 1000
+    inner_solver: str = "gd"
+    inner_steps: int = 10
+    inner_lr: float = 0.02
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_tol: float = 1e-10
+    cg_damping: float = 10.0
+    hvp: str = "auto"
+    backend: str = "auto"
+    task_batching: object = "auto"
+    outer_lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    data_root: Optional[str] = None
+    out: Optional[str] = None
+    checkpoint_every: int = 100
+    progress: bool = True
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "RunSettings":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, **fields)
+
+    def imaml_config(self) -> IMAMLConfig:
+        return IMAMLConfig(inner_solver=self.inner_solver, inner_steps=self.inner_steps,
+                           inner_lr=self.inner_lr, lam=self.lam, cg_steps=self.cg_steps,
+                           cg_tol=self.cg_tol, cg_damping=self.cg_damping, hvp=self.hvp,
+                           backend=self.backend, task_batching=self.task_batching)
+
+    def validate(self) -> None:
+        for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid: expected an int >= 1")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps={self.steps!r} is invalid: expected an int >= 0")
+        if not (isinstance(self.outer_lr, (int, float)) and self.outer_lr > 0):
+            raise ValueError(f"outer_lr={self.outer_lr!r} is invalid: expected a number > 0")
+        if self.task == "omniglot" and self.n_way < 2:
+            raise ValueError(f"n_way={self.n_way} is invalid for classification: use 2 or more")
+        self.imaml_config()  # validates the engine's fields with their own messages
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is invalid: {e}") from None
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available: use --device cpu")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- building blocks --------------------------------------------------------------------
+def build_model(s: RunSettings) -> torch.nn.Module:
+    return sinusoid_mlp() if s.task == "sinusoid" else omniglot_conv(s.n_way)
+
+
+def loss_fn_for(s: RunSettings):
+    return F.mse_loss if s.task == "sinusoid" else F.cross_entropy
+
+
+def build_sampler(s: RunSettings, split: str, tasks: int, seed: int):
+    if s.task == "sinusoid":
+        from .data import SinusoidSampler
+
+        return SinusoidSampler(s.k_shot, s.q_query, tasks, device=s.device, seed=seed)
+    from .data import load_omniglot
+
+    if not s.data_root:
+        raise ValueError("omniglot needs --data-root: the folder with images_background.zip and "
+                         "images_evaluation.zip (imaml-fast download --data-root DIR fetches them)")
+    data = load_omniglot(s.data_root)
+    return data.sampler(split, s.n_way, s.k_shot, s.q_query, tasks, device=s.device, seed=seed)
+
+
+def task_metric(s: RunSettings, learner: IMAML, adapted, xq, yq) -> torch.Tensor:
+    """Per-task query accuracy (classification) or mean squared error (sinusoid), [T]."""
+    out = learner.predict(adapted, xq)
+    if s.task == "sinusoid":
+        return ((out - yq) ** 2).mean(dim=(1, 2))
+    return (out.argmax(-1) == yq).float().mean(1)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resumable(saved: dict, now: RunSettings, path: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.to_dict().items()
+             if k not in RESUMABLE_CHANGES and k != "task_batching" and saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} is from another configuration ({'; '.join(diffs)}): resume "
+                              f"with the same settings, or start a new run with another --out")
+
+
+# ---- train -------------------------------------------------------------------------------
+def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None) -> dict:
+    """Meta-train with settings `s` into the run folder s.out. Returns a summary dict.
+    stop_after: end (with a checkpoint) after this many steps of this call, as if killed
+    right after a checkpoint; used to test resuming."""
+    s.validate()
+    if not s.out:
+        raise ValueError("out is required: the run folder for checkpoints and logs")
+    out = Path(s.out)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue "
+                         f"it, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise CheckpointError(f"--resume but {ckpt_path} does not exist: start the run without "
+                              f"--resume, or point --out at the run folder")
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt["settings"], s, ckpt_path)
+        s.task_batching = ckpt["settings"]["task_batching"]
+    torch.manual_seed(s.seed)
+    model = build_model(s).to(s.device)
+    loss_fn = loss_fn_for(s)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.outer_lr)
+    sampler = build_sampler(s, "train", s.tasks, seed=s.seed)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        _set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+    elif s.task_batching == "auto":
+        # Fix the strategy once, on a sample the sampler does not hand out, and keep it in
+        # the checkpoint: it decides the floating-point summation order of every step.
+        probe = build_sampler(s, "train", s.tasks, seed=s.seed + 1).sample()
+        fm = FunctionalModel(model, loss_fn)
+        s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support, probe.y_support)
+    learner = IMAML(model, loss_fn, s.imaml_config(), optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(s.to_dict(), out / "settings.json")
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+
+    def checkpoint(step):
+        save_atomic({"format": FORMAT, "step": step, "settings": s.to_dict(),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "sampler": sampler.state_dict(), "rng": _rng_state()}, ckpt_path)
+
+    bar = _progress(s, start)
+    t0 = time.perf_counter()
+    step = start
+    last = {}
+    with open(metrics_path, "a") as log:
+        while step < s.steps:
+            xs, ys, xq, yq = sampler.sample()
+            t_step = time.perf_counter()
+            stats = learner.meta_step(xs, ys, xq, yq)
+            metric = task_metric(s, learner, stats.result.adapted, xq, yq).mean().item()
+            d = stats.to_dict()
+            step += 1
+            dt = time.perf_counter() - t_step
+            last = {"step": step, "inner_loss": d["inner_loss"], "query_loss": d["query_loss"],
+                    ("mse" if s.task == "sinusoid" else "accuracy"): metric,
+                    "cg_iters": d["cg_iters"], "tasks_per_s": s.tasks / dt, "seconds": dt}
+            log.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in ("step", "seconds", "cg_iters")})
+            stopping = stop_after is not None and step - start >= stop_after
+            if step % s.checkpoint_every == 0 or step == s.steps or stopping:
+                log.flush()
+                checkpoint(step)
+            if stopping:
+                break
+    if bar is not None:
+        bar.close()
+    if step == start and not ckpt_path.exists():
+        checkpoint(step)
+    curve = _plot_curve(metrics_path, out / "curve.png", s)
+    return {"steps": step, "seconds": time.perf_counter() - t0, "last": last,
+            "checkpoint": str(ckpt_path), "curve": curve}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines of steps <= `step` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            break  # a line cut short by a kill: drop it and what follows
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def _progress(s: RunSettings, start: int):
+    if not s.progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=s.steps, initial=start, desc=f"{s.preset} meta-step", unit="step",
+                dynamic_ncols=True)
+
+
+def _plot_curve(metrics_path: Path, png: Path, s: RunSettings) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None  # optional extra: pip install "imaml_fast[plot]"
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    if not rows:
+        return None
+    key = "mse" if s.task == "sinusoid" else "accuracy"
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, k in zip(axes, ("query_loss", key)):
+        ys = [r[k] for r in rows]
+        w = max(1, len(ys) // 50)
+        smooth = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(steps, ys, alpha=0.3)
+        ax.plot(steps, smooth)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(f"train {k} after adaptation")
+    fig.suptitle(f"{s.preset}: {s.tasks} tasks per step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return str(png)
+
+
+# ---- evaluate ----------------------------------------------------------------------------
+def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
+             device: Optional[str] = None, out: Optional[str] = None, seed: int = EVAL_SEED) -> dict:
+    """Adapt to `tasks` meta-test tasks from the checkpoint's parameters and report the mean
+    query accuracy (or MSE for sinusoid) with a 95% confidence interval, 1.96 std / sqrt(n).
+    Writes the result as JSON to `out` (default: eval.json beside the checkpoint)."""
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 2:
+        raise ValueError(f"tasks={tasks!r} is invalid: expected an int >= 2")
+    path = Path(checkpoint_path)
+    ckpt = load_checkpoint(path)
+    s = RunSettings(**ckpt["settings"])
+    if data_root:
+        s.data_root = data_root
+    if device:
+        s.device = device
+    s.validate()
+    model = build_model(s).to(s.device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the saved parameters do not fit the {s.preset} network: "
+                              f"{str(e)[:200]}") from None
+    learner = IMAML(model, loss_fn_for(s), s.imaml_config())
+    sampler = build_sampler(s, "test", min(s.tasks, tasks), seed=seed)
+    values = []
+    t0 = time.perf_counter()
+    while len(values) < tasks:
+        xs, ys, xq, yq = sampler.sample()
+        adapted = learner.adapt(xs, ys)
+        values += task_metric(s, learner, adapted, xq, yq).tolist()
+    values = torch.tensor(values[:tasks], dtype=torch.float64)
+    mean, ci = values.mean().item(), 1.96 * values.std().item() / math.sqrt(tasks)
+    metric = "mse" if s.task == "sinusoid" else "accuracy"
+    scale = 1.0 if s.task == "sinusoid" else 100.0
+    result = {"checkpoint": str(path), "step": ckpt["step"], "preset": s.preset,
+              "metric": metric, "tasks": tasks, "mean": mean * scale, "ci95": ci * scale,
+              "unit": "" if s.task == "sinusoid" else "%", "seconds": time.perf_counter() - t0,
+              "settings": s.to_dict(), "eval_seed": seed,
+              "split": "meta-test tasks" if s.task == "sinusoid" else "meta-test characters (423)"}
+    write_json_atomic(result, Path(out) if out else path.parent / "eval.json")
+    return result

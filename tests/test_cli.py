@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imaml_fast import cli
+from imaml_fast import train as train_mod
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "imaml_fast", "train", "--steps", "3", "--tasks", "3",
+                        "--inner-steps", "2", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "trained 3 meta-steps" in p.stdout and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "imaml_fast", "eval", str(out / "checkpoint.pt"),
+                        "--tasks", "20"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    r = json.loads((out / "eval.json").read_text())
+    assert f"mse {r['mean']:.2f} ± {r['ci95']:.2f}" in p.stdout and "over 20" in p.stdout
+
+
+def test_no_arguments_trains_the_sinusoid_preset(monkeypatch, capsys):
+    seen = {}
+
+    def fake_train(s, resume=False):
+        seen["s"] = s
+        return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    code, out, _ = run([], capsys)
+    assert code == 0 and seen["s"].preset == "sinusoid" and seen["s"].steps == 1000
+    assert seen["s"].out.startswith("runs/sinusoid-")
+
+
+def test_flags_override_the_preset(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(train_mod, "train", lambda s, resume=False: seen.setdefault("s", s) and
+                        {"steps": 0, "seconds": 0.0, "last": {}, "curve": None})
+    run(["train", "omniglot-20w5s", "--lam", "3", "--inner-steps", "7", "--task-batching", "4",
+         "--out", "x", "--data-root", "d"], capsys)
+    s = seen["s"]
+    assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--lam", "-1", "--out", "{tmp}/a"], "IMAMLConfig.lam=-1.0 is invalid"),
+    (["train", "--inner-solver", "hf", "--hvp", "auto", "--backend", "nope", "--out", "{tmp}/b"],
+     "IMAMLConfig.backend='nope' is invalid"),
+    (["train", "omniglot-5w1s", "--out", "{tmp}/c"], "needs --data-root"),
+    (["train", "omniglot-5w1s", "--data-root", "{tmp}/missing", "--out", "{tmp}/d"], "missing"),
+    (["train", "--resume", "--out", "{tmp}/nothing"], "does not exist"),
+    (["eval", "{tmp}/none.pt"], "no checkpoint at"),
+    (["train", "--device", "cuda:0", "--out", "{tmp}/e"], "cuda"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "cuda" in message:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this check needs a machine without CUDA")
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert message.lower() in err.lower(), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_corrupt_zip_exits_2(tmp_path, capsys):
+    root = tmp_path / "omni"
+    root.mkdir()
+    (root / "images_background.zip").write_bytes(b"not a zip at all")
+    (root / "images_evaluation.zip").write_bytes(b"neither")
+    code, _, err = run(["train", "omniglot-5w1s", "--data-root", str(root), "--out",
+                        str(tmp_path / "r"), "--no-progress"], capsys)
+    assert code == 2 and "zip" in err.lower() and "Traceback" not in err
+
+
+def test_checkpoint_from_another_configuration_exits_2(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(["train", "--steps", "2", "--tasks", "2", "--inner-steps", "1", "--out", out,
+                "--no-progress"], capsys)[0] == 0
+    code, _, err = run(["train", "--steps", "4", "--tasks", "3", "--inner-steps", "1", "--out", out,
+                        "--resume", "--no-progress"], capsys)
+    assert code == 2 and "another configuration (tasks: checkpoint 2, now 3)" in err
+
+
+def test_argparse_rejects_unknown_preset_and_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "omniglot-99w1s"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--no-such-flag"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task-batching", "zero"])
+    assert e.value.code == 2
+
+
+def test_backends_command_lists_them(capsys):
+    code, out, _ = run(["backends"], capsys)
+    assert code == 0 and "torch" in out and "reference" in out and "available" in out
