@@ -61,12 +61,22 @@ register_backend(Backend(
             "masked batched CG on flat [T, P] buffers, pure PyTorch on any device"))
 
 def _register_kernel_backends():
+    from . import cpp as _cpp
+    from . import cuda as _cuda
     from . import triton as _triton
 
     register_backend(Backend(
         name="triton", batched=True, why_not=_triton.why_not, load_ops=_triton.load_ops,
         summary="the torch backend with the fused CG iteration and proximal update as Triton "
                 "kernels (2 passes over [T, P] per CG iteration); CUDA, or TRITON_INTERPRET=1"))
+    register_backend(Backend(
+        name="cuda", batched=True, why_not=_cuda.why_not, load_ops=_cuda.load_ops,
+        summary="the torch backend with the fused CG iteration, proximal update, dots and dense "
+                "CG as CUDA C++ kernels from imaml_fast._C (C ABI, no PyTorch C++ API)"))
+    register_backend(Backend(
+        name="cpp", batched=True, why_not=_cpp.why_not, load_ops=_cpp.load_ops,
+        summary="the CPU twins of the CUDA kernels (imaml_fast._C): same formulation, on CPU "
+                "tensors, float32/float64"))
 
 
 _register_kernel_backends()

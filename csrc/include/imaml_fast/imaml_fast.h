@@ -1,0 +1,106 @@
+/* imaml_fast: the C ABI of the kernel library (CPU twins and CUDA kernels).
+ *
+ * Every function takes raw pointers, sizes and a dtype code, and (for CUDA) a stream and a
+ * caller-allocated device workspace. Nothing here knows about PyTorch: one build of the
+ * library serves every torch version (the Python bindings pass tensor.data_ptr() values).
+ *
+ * Layout: every vector argument is a contiguous row-major [T, P] array (T tasks, P
+ * parameters per task); per-task scalars are contiguous [T] arrays. Reductions accumulate in
+ * the accumulation type: float for float16/bfloat16 vectors, the vector type itself for
+ * float32/float64 ("acc" below).
+ *
+ * Return value: 0 on success; a negative IMF_ERR_* code for a bad argument; a positive value
+ * is a cudaError_t from the launch. imaml_fast_strerror() turns either into a message.
+ * The *_cuda functions exist in every build; without CUDA they return IMF_ERR_NO_CUDA.
+ * Kernels are launched asynchronously on `stream` (a cudaStream_t; NULL is the legacy
+ * default stream) on the calling thread's current device.
+ */
+#ifndef IMAML_FAST_IMAML_FAST_H
+#define IMAML_FAST_IMAML_FAST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define IMAML_FAST_ABI_VERSION 1
+
+/* dtype codes */
+#define IMF_FLOAT32 0
+#define IMF_FLOAT64 1
+#define IMF_FLOAT16 2
+#define IMF_BFLOAT16 3
+
+/* error codes (negative; positive values are cudaError_t) */
+#define IMF_OK 0
+#define IMF_ERR_DTYPE (-1)        /* dtype not supported by this op / twin */
+#define IMF_ERR_SIZE (-2)         /* T or P negative, or too large */
+#define IMF_ERR_NULL (-3)         /* a required pointer is NULL while T * P > 0 */
+#define IMF_ERR_WORKSPACE (-4)    /* workspace missing or smaller than *_workspace_size() */
+#define IMF_ERR_NO_CUDA (-5)      /* the library was built without CUDA */
+#define IMF_ERR_ARG (-6)          /* another bad argument (e.g. max_iter < 0) */
+
+/* CG status codes (int8 per task), the same as imaml_fast.cg */
+#define IMF_CG_MAX_ITER 0 /* still running / ran out of iterations */
+#define IMF_CG_CONVERGED 1
+#define IMF_CG_NEGATIVE_CURVATURE 2
+#define IMF_CG_NONFINITE 3
+
+/* ---- library information ---------------------------------------------------------------- */
+int imaml_fast_abi_version(void);
+int imaml_fast_has_cuda(void);               /* 1 when the CUDA kernels were compiled in */
+const char* imaml_fast_cuda_archs(void);     /* e.g. "80;90", "" without CUDA */
+const char* imaml_fast_no_cuda_reason(void); /* why CUDA is absent, "" when present */
+const char* imaml_fast_cxx_compiler(void);   /* e.g. "GNU 12.2.0" */
+const char* imaml_fast_cuda_compiler(void);  /* e.g. "NVIDIA 13.0.88", "" without CUDA */
+const char* imaml_fast_strerror(int code);
+
+/* ---- prox_update: out = phi - lr * (g + lam * (phi - theta)) -------------------------------
+ * phi, g, out: [T, P]; theta: [P] when theta_per_task == 0, else [T, P]. out may alias phi.
+ * CPU: float32/float64. CUDA: float32/float64/float16/bfloat16 (computed in float). */
+int prox_update_cpu(int dtype, const void* phi, const void* g, const void* theta,
+                    int theta_per_task, void* out, int64_t T, int64_t P, double lr, double lam);
+int prox_update_cuda(int dtype, const void* phi, const void* g, const void* theta,
+                     int theta_per_task, void* out, int64_t T, int64_t P, double lr, double lam,
+                     void* stream);
+
+/* ---- batched_dot: out[t] = sum_i a[t, i] * b[t, i], out in acc type ------------------------
+ * Deterministic: per-block partial sums, then a fixed-order sum (no float atomics). */
+int batched_dot_cpu(int dtype, const void* a, const void* b, void* out, int64_t T, int64_t P);
+size_t batched_dot_cuda_workspace_size(int dtype, int64_t T, int64_t P);
+int batched_dot_cuda(int dtype, const void* a, const void* b, void* out, int64_t T, int64_t P,
+                     void* workspace, size_t workspace_bytes, void* stream);
+
+/* ---- cg_update: one masked conjugate-gradient iteration for all T tasks, in place ---------
+ * x, r, p (updated), Ap (read): [T, P] of dtype; rs (updated), thresh (read): [T] acc;
+ * status: [T] int8 (updated); iters: [T] int64 (updated). Tasks whose status is not
+ * IMF_CG_MAX_ITER are not touched. Semantics: imaml_fast.cg.cg_update_ref; formulation: the
+ * two-pass fused iteration described in src/cg_scalars.h. */
+int cg_update_cpu(int dtype, void* x, void* r, void* p, const void* Ap, void* rs, int8_t* status,
+                  int64_t* iters, const void* thresh, int64_t T, int64_t P);
+size_t cg_update_cuda_workspace_size(int dtype, int64_t T, int64_t P);
+int cg_update_cuda(int dtype, void* x, void* r, void* p, const void* Ap, void* rs,
+                   int8_t* status, int64_t* iters, const void* thresh, int64_t T, int64_t P,
+                   void* workspace, size_t workspace_bytes, void* stream);
+
+/* ---- dense_cg: the whole CG solve of (shift I + scale H_t) x_t = b_t, x0 = 0 ----------------
+ * H: [T, P, P] row-major; b, x (written): [T, P]; iters: [T] int64, residual: [T] (sqrt of
+ * the recursive r.r), status: [T] int8 (all written). float32/float64 only. Classic CG with
+ * the status semantics of imaml_fast.cg.cg_solve + cg_update_ref. CUDA: one thread block per
+ * task runs every iteration (one launch); the workspace holds r, p and Ap. */
+int dense_cg_cpu(int dtype, const void* H, const void* b, void* x, int64_t* iters,
+                 void* residual, int8_t* status, int64_t T, int64_t P, double shift, double scale,
+                 int64_t max_iter, double tol);
+size_t dense_cg_cuda_workspace_size(int dtype, int64_t T, int64_t P);
+int dense_cg_cuda(int dtype, const void* H, const void* b, void* x, int64_t* iters,
+                  void* residual, int8_t* status, int64_t T, int64_t P, double shift,
+                  double scale, int64_t max_iter, double tol, void* workspace,
+                  size_t workspace_bytes, void* stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* IMAML_FAST_IMAML_FAST_H */

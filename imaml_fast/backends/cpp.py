@@ -1,0 +1,352 @@
+"""The "cpp" backend: the C++ CPU twins of the CUDA kernels (csrc/, through imaml_fast._C).
+
+Ops (what `load_ops()` returns; every tensor contiguous, [T, P] row-major):
+
+    prox_update(phi, g, theta, lr, lam) -> new phi       phi - lr * (g + lam * (phi - theta))
+    batched_dot(a, b) -> [T]                             per-task dot products (acc dtype)
+    cg_update(x, r, p, Ap, rs, status, iters, thresh)    one masked CG iteration, in place
+    dense_cg(H, b, shift, scale, max_iter, tol)          a whole CG solve per task, H [T, P, P]
+
+`cg_update` runs the two-pass fused formulation written out in csrc/src/cg_scalars.h; its
+pure-PyTorch twin is `cg_update_fused_ref` below (tests compare the kernels with it to 1e-12
+in fp64, and with imaml_fast.cg.cg_update_ref for flags and iteration counts). dense_cg's
+reference is imaml_fast.dense.dense_cg_ref (cg_solve with a dense matvec).
+
+This module is imported with imaml_fast; it never imports imaml_fast._C or touches CUDA at
+import time. The shared wrapper code here (argument checks, calls into _C) also serves the
+"cuda" backend (cuda.py), which differs only in device, dtypes, stream and workspace.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, List, Tuple
+
+import torch
+
+from .. import _ext
+from ..cg import CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_NONFINITE, acc_dtype
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DENSE_DTYPES = (torch.float32, torch.float64)
+
+
+# ---- backend protocol ---------------------------------------------------------------------------
+
+def why_not(device, dtype) -> List[str]:
+    """Why the CPU twin cannot run on (device, dtype); empty when it can."""
+    device = torch.device(device)
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"tensors are on {device.type} (the CPU twin runs on cpu tensors)")
+    if dtype not in CPU_DTYPES:
+        reasons.append(f"dtype {dtype} not supported by the CPU twin (float32, float64)")
+    module, why = _ext.load()
+    if module is None:
+        reasons.append(f"imaml_fast._C is not built: {why}")
+    return reasons
+
+
+def load_ops() -> Dict[str, object]:
+    """The CPU twin's ops; RuntimeError when imaml_fast._C is not built."""
+    _module()
+    return {"cg_update": cg_update, "prox_update": prox_update, "batched_dot": batched_dot,
+            "dense_cg": dense_cg}
+
+
+def prox_update(phi, g, theta, lr, lam):
+    """phi - lr * (g + lam * (phi - theta)) on the CPU twin; theta [P] or [T, P]."""
+    return _prox_update("cpu", phi, g, theta, lr, lam)
+
+
+def batched_dot(a, b):
+    """Per-task dot products [T] of [T, P] tensors on the CPU twin."""
+    return _batched_dot("cpu", a, b)
+
+
+def cg_update(x, r, p, Ap, rs, status, iters, thresh):
+    """One masked CG iteration on the CPU twin, in place; returns (x, r, p, rs, status, iters)."""
+    return _cg_update("cpu", x, r, p, Ap, rs, status, iters, thresh)
+
+
+def dense_cg(H, b, shift, scale, max_iter, tol):
+    """Solve (shift I + scale H_t) x_t = b_t for every task on the CPU twin.
+    Returns (x, iters, residual, status)."""
+    return _dense_cg("cpu", H, b, shift, scale, max_iter, tol)
+
+
+# ---- pure-PyTorch references ----------------------------------------------------------------------
+
+def cg_update_fused_ref(x, r, p, Ap, rs, status, iters, thresh):
+    """The fused two-pass CG iteration of the kernels (csrc/src/cg_scalars.h), in PyTorch, out
+    of place. Same signature and status semantics as imaml_fast.cg.cg_update_ref; the iterates
+    equal classic CG in exact arithmetic. Differences from cg_update_ref on purpose: beta comes
+    from rs_est = rs - 2 alpha r.Ap + alpha^2 Ap.Ap (known before the update pass), and a task
+    that converges in this iteration gets p = r_new + beta p (the reference keeps p; a finished
+    task's p is never used). Vector arithmetic runs in the accumulation dtype with one rounding
+    to the storage dtype, as the kernels do."""
+    dt = x.dtype
+    acc = acc_dtype(dt)
+    xa, ra, pa, apa = (v.to(acc) for v in (x, r, p, Ap))
+    zero = torch.zeros_like(rs)
+    one = torch.ones_like(rs)
+    active = status == CG_MAX_ITER
+    # Pass 1.
+    pAp = (pa * apa).sum(-1)
+    rAp = (ra * apa).sum(-1)
+    ApAp = (apa * apa).sum(-1)
+    if x.shape[-1] > 0:
+        rmax = ra.abs().amax(-1)
+        apmax = apa.abs().amax(-1)
+    else:
+        rmax = apmax = zero
+    # Scalars.
+    nonfinite = active & ~torch.isfinite(pAp)
+    negative = active & ~nonfinite & (pAp <= 0)
+    ok = active & ~nonfinite & ~negative
+    first_neg = negative & (iters == 0)
+    alpha = torch.where(ok, rs / torch.where(ok, pAp, one), zero)
+    rs_est = rs - 2 * alpha * rAp + alpha * alpha * ApAp
+    rs_est = torch.where(rs_est > 0, rs_est, zero)
+    rs_pos = ok & (rs > 0)
+    beta = torch.where(rs_pos, rs_est / torch.where(rs_pos, rs, one), zero)
+    norm_limit = math.sqrt(torch.finfo(acc).max) / 4
+    elem_limit = torch.finfo(dt).max / 2
+    a = alpha.abs()
+    safe = (torch.isfinite(alpha) & torch.isfinite(rAp) & torch.isfinite(ApAp) & torch.isfinite(rs)
+            & torch.isfinite(rmax) & torch.isfinite(apmax)
+            & (rs.sqrt() + a * ApAp.sqrt() <= norm_limit) & (rmax + a * apmax <= elem_limit))
+    fast = ok & safe
+    risky = ok & ~safe
+    # Pass 2 (computed for every task, applied by mask).
+    al = alpha.unsqueeze(-1)
+    r_new = (ra - al * apa).to(dt)
+    rn = r_new.to(acc)
+    x_new = (xa + al * pa).to(dt)
+    rs_new = (rn * rn).sum(-1)
+    # Finish.
+    blown = ok & ~torch.isfinite(rs_new)
+    apply_risky = risky & ~blown
+    beta_exact = torch.where(apply_risky & (rs > 0), rs_new / torch.where(rs > 0, rs, one), zero)
+    write = (fast | apply_risky).unsqueeze(-1)
+    x_out = torch.where(write, x_new, x)
+    x_out = torch.where(first_neg.unsqueeze(-1), (xa + pa).to(dt), x_out)
+    r_out = torch.where(write, r_new, r)
+    p_fast = (rn + beta.unsqueeze(-1) * pa).to(dt)
+    p_risky = (rn + beta_exact.unsqueeze(-1) * pa).to(dt)
+    p_out = torch.where(fast.unsqueeze(-1), p_fast, torch.where(apply_risky.unsqueeze(-1), p_risky, p))
+    ok2 = ok & ~blown
+    rs_out = torch.where(ok2, rs_new, rs)
+    status = torch.where(ok2 & (rs_new <= thresh), torch.full_like(status, CG_CONVERGED), status)
+    status = torch.where(negative, torch.full_like(status, CG_NEGATIVE_CURVATURE), status)
+    status = torch.where(nonfinite | blown, torch.full_like(status, CG_NONFINITE), status)
+    return x_out, r_out, p_out, rs_out, status, iters + ok2.long()
+
+
+# ---- the wrappers shared with the cuda backend ------------------------------------------------
+
+def _module():
+    module, why = _ext.load()
+    if module is None:
+        raise RuntimeError(f"imaml_fast._C is not built: {why}")
+    return module
+
+
+_increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+
+
+def _mark_modified(*tensors):
+    """The kernels write through raw pointers; bump the version counters as an in-place torch
+    op would, so autograd notices stale saved tensors instead of using them silently."""
+    if _increment_version is None:
+        return
+    for t in tensors:
+        if not t.is_inference():
+            _increment_version(t)
+
+
+def _check(op, name, t, kind, *, dtypes=None, dtype=None, shape=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != kind:
+        raise ValueError(f"{op}: {name} is on {t.device}, but the {_BACKEND[kind]} backend needs "
+                         f"{kind} tensors (move it with .to('{kind}'))")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the other tensors are on {device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}; the {_BACKEND[kind]} backend supports "
+                         f"{', '.join(str(d) for d in dtypes)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous() on it)")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} requires grad; the kernels are not differentiable "
+                         "(call them under torch.no_grad() or pass detached tensors)")
+
+
+def _check_2d(op, name, t):
+    if isinstance(t, torch.Tensor) and t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be [T, P] (tasks x parameters), got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_number(op, name, v, *, minimum=None):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{op}: {name}={v!r} must be a finite real number")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{op}: {name}={v!r} must be >= {minimum}")
+
+
+def _no_alias(op, named):
+    seen = {}
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        ptr = t.data_ptr()
+        if ptr in seen:
+            raise ValueError(f"{op}: {name} and {seen[ptr]} share memory; the kernel updates them "
+                             "in place and needs separate tensors (clone one)")
+        seen[ptr] = name
+
+
+_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+_DTYPES = {"cpu": CPU_DTYPES, "cuda": CUDA_DTYPES}
+
+
+class _Launch:
+    """Where a call goes: the device guard and stream for CUDA, nothing for the CPU twin."""
+
+    def __init__(self, kind, device):
+        self.kind, self.device = kind, device
+
+    def __enter__(self):
+        self._guard = torch.cuda.device(self.device) if self.kind == "cuda" else None
+        if self._guard is not None:
+            self._guard.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def workspace(self, nbytes: int) -> Tuple[int, int]:
+        # torch's caching allocator on the same device and stream: no cudaMalloc per call and
+        # safe under CUDA graph capture.
+        ws = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=self.device)
+        self._ws = ws  # keep it alive until the launch is queued
+        return ws.data_ptr(), int(nbytes)
+
+
+def _prox_update(kind, phi, g, theta, lr, lam):
+    op = "prox_update"
+    _check_2d(op, "phi", phi)
+    _check(op, "phi", phi, kind, dtypes=_DTYPES[kind])
+    T, P = phi.shape
+    _check(op, "g", g, kind, dtype=phi.dtype, shape=(T, P), device=phi.device)
+    if not isinstance(theta, torch.Tensor) or tuple(theta.shape) not in ((P,), (T, P)):
+        got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ValueError(f"{op}: theta must be [P] = ({P},) (shared by all tasks) or [T, P] = "
+                         f"({T}, {P}), got {got}")
+    _check(op, "theta", theta, kind, dtype=phi.dtype, device=phi.device)
+    _check_number(op, "lr", lr)
+    _check_number(op, "lam", lam)
+    module = _module()
+    out = torch.empty_like(phi)
+    code = _ext.DTYPE_CODES[phi.dtype]
+    per_task = theta.dim() == 2
+    with _Launch(kind, phi.device) as launch:
+        if kind == "cpu":
+            module.prox_update_cpu(code, phi.data_ptr(), g.data_ptr(), theta.data_ptr(), per_task,
+                                   out.data_ptr(), T, P, float(lr), float(lam))
+        else:
+            module.prox_update_cuda(code, phi.data_ptr(), g.data_ptr(), theta.data_ptr(),
+                                    per_task, out.data_ptr(), T, P, float(lr), float(lam),
+                                    launch.stream())
+    return out
+
+
+def _batched_dot(kind, a, b):
+    op = "batched_dot"
+    _check_2d(op, "a", a)
+    _check(op, "a", a, kind, dtypes=_DTYPES[kind])
+    T, P = a.shape
+    _check(op, "b", b, kind, dtype=a.dtype, shape=(T, P), device=a.device)
+    module = _module()
+    out = torch.empty(T, dtype=acc_dtype(a.dtype), device=a.device)
+    code = _ext.DTYPE_CODES[a.dtype]
+    with _Launch(kind, a.device) as launch:
+        if kind == "cpu":
+            module.batched_dot_cpu(code, a.data_ptr(), b.data_ptr(), out.data_ptr(), T, P)
+        else:
+            ws, nbytes = launch.workspace(module.batched_dot_cuda_workspace_size(code, T, P))
+            module.batched_dot_cuda(code, a.data_ptr(), b.data_ptr(), out.data_ptr(), T, P, ws,
+                                    nbytes, launch.stream())
+    return out
+
+
+def _cg_update(kind, x, r, p, Ap, rs, status, iters, thresh):
+    op = "cg_update"
+    _check_2d(op, "x", x)
+    _check(op, "x", x, kind, dtypes=_DTYPES[kind])
+    T, P = x.shape
+    dev = x.device
+    for name, t in (("r", r), ("p", p), ("Ap", Ap)):
+        _check(op, name, t, kind, dtype=x.dtype, shape=(T, P), device=dev)
+    acc = acc_dtype(x.dtype)
+    _check(op, "rs", rs, kind, dtype=acc, shape=(T,), device=dev)
+    _check(op, "thresh", thresh, kind, dtype=acc, shape=(T,), device=dev)
+    _check(op, "status", status, kind, dtype=torch.int8, shape=(T,), device=dev)
+    _check(op, "iters", iters, kind, dtype=torch.int64, shape=(T,), device=dev)
+    _no_alias(op, [("x", x), ("r", r), ("p", p), ("Ap", Ap)])
+    _no_alias(op, [("rs", rs), ("thresh", thresh)])
+    module = _module()
+    code = _ext.DTYPE_CODES[x.dtype]
+    ptrs = (x.data_ptr(), r.data_ptr(), p.data_ptr(), Ap.data_ptr(), rs.data_ptr(),
+            status.data_ptr(), iters.data_ptr(), thresh.data_ptr())
+    with _Launch(kind, dev) as launch:
+        if kind == "cpu":
+            module.cg_update_cpu(code, *ptrs, T, P)
+        else:
+            ws, nbytes = launch.workspace(module.cg_update_cuda_workspace_size(code, T, P))
+            module.cg_update_cuda(code, *ptrs, T, P, ws, nbytes, launch.stream())
+    _mark_modified(x, r, p, rs, status, iters)
+    return x, r, p, rs, status, iters
+
+
+def _dense_cg(kind, H, b, shift, scale, max_iter, tol):
+    op = "dense_cg"
+    _check_2d(op, "b", b)
+    _check(op, "b", b, kind, dtypes=DENSE_DTYPES)
+    T, P = b.shape
+    if isinstance(H, torch.Tensor) and tuple(H.shape) != (T, P, P):
+        raise ValueError(f"{op}: H must be [T, P, P] = ({T}, {P}, {P}) to match b, got "
+                         f"{tuple(H.shape)}")
+    _check(op, "H", H, kind, dtype=b.dtype, device=b.device)
+    _check_number(op, "shift", shift)
+    _check_number(op, "scale", scale)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"{op}: max_iter={max_iter!r} must be an int >= 0")
+    _check_number(op, "tol", tol, minimum=0)
+    module = _module()
+    x = torch.empty_like(b)
+    iters = torch.empty(T, dtype=torch.int64, device=b.device)
+    residual = torch.empty(T, dtype=b.dtype, device=b.device)
+    status = torch.empty(T, dtype=torch.int8, device=b.device)
+    code = _ext.DTYPE_CODES[b.dtype]
+    args = (code, H.data_ptr(), b.data_ptr(), x.data_ptr(), iters.data_ptr(),
+            residual.data_ptr(), status.data_ptr(), T, P, float(shift), float(scale),
+            int(max_iter), float(tol))
+    with _Launch(kind, b.device) as launch:
+        if kind == "cpu":
+            module.dense_cg_cpu(*args)
+        else:
+            ws, nbytes = launch.workspace(module.dense_cg_cuda_workspace_size(code, T, P))
+            module.dense_cg_cuda(*args, ws, nbytes, launch.stream())
+    return x, iters, residual, status

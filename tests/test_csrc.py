@@ -1,0 +1,561 @@
+"""The C++ kernel library (csrc/, imaml_fast._C): CPU twins against their PyTorch references,
+the same tests for the CUDA kernels (marked gpu, skipped without a GPU), backend reasons, the
+build itself, and the C++ example through CMake / ctest.
+
+The CPU-twin tests never skip: a missing or broken imaml_fast._C fails them.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from imaml_fast import _ext
+from imaml_fast.backends import cpp as cpp_backend
+from imaml_fast.backends import cuda as cuda_backend
+from imaml_fast.backends.cpp import cg_update_fused_ref
+from imaml_fast.cg import (CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_NONFINITE,
+                           acc_dtype, batched_dot, cg_solve, cg_update_ref)
+from imaml_fast.dense import dense_cg_ref
+from imaml_fast.inner import prox_update_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
+
+BACKENDS = [pytest.param("cpp", id="cpp"), pytest.param("cuda", id="cuda", marks=needs_gpu)]
+# (dtype, rtol against the fused reference) as data; P values are not multiples of any block.
+FLOATS = [pytest.param(torch.float64, 1e-12, id="f64"), pytest.param(torch.float32, 1e-5, id="f32")]
+SIZES = [(1, 1), (7, 13), (1, 1000), (7, 4097)]
+
+
+@pytest.fixture(params=BACKENDS)
+def be(request):
+    """The backend under test; fails (never skips) when it cannot run."""
+    name = request.param
+    module = cpp_backend if name == "cpp" else cuda_backend
+    device = torch.device("cpu" if name == "cpp" else "cuda")
+    why = module.why_not(device, torch.float32)
+    assert not why, f"the {name} backend cannot run here: {why}"
+    return SimpleNamespace(name=name, device=device, ops=module.load_ops())
+
+
+def rel(a, b):
+    """Norm-wise relative difference, per task for [T, ...] tensors, as a max."""
+    a, b = a.double(), b.double()
+    if a.dim() < 2:
+        a, b = a.unsqueeze(-1), b.unsqueeze(-1)
+    num = (a - b).flatten(1).norm(dim=1)
+    den = b.flatten(1).norm(dim=1).clamp_min(1e-300)
+    return float((num / den).max()) if a.numel() else 0.0
+
+
+# ---- the build ----------------------------------------------------------------------------------
+
+def test_extension_is_built_and_describes_itself():
+    module, why = _ext.load()
+    assert module is not None, f"imaml_fast._C did not import: {why}"
+    info = _ext.build_info()
+    assert set(info) >= {"cuda", "cuda_archs", "no_cuda_reason", "cxx_compiler", "cuda_compiler"}
+    assert info["abi_version"] == _ext.ABI_VERSION
+    assert info["cxx_compiler"] and info["cxx_compiler"] != "unknown"
+    if info["cuda"]:
+        assert "80" in info["cuda_archs"] or os.environ.get("IMAML_FAST_CUDA_ARCHS") \
+            or os.environ.get("CUDA_ARCHS")
+        assert info["cuda_compiler"].startswith("NVIDIA") and info["no_cuda_reason"] == ""
+    else:
+        assert info["no_cuda_reason"] and info["cuda_archs"] == ""
+
+
+def test_cuda_was_compiled_when_nvcc_is_available():
+    """CI compiles the CUDA sources (that is its CUDA check): with nvcc on PATH and no
+    IMAML_FAST_SKIP_CUDA, the build must contain the CUDA kernels."""
+    nvcc = shutil.which("nvcc") or os.environ.get("CUDACXX")
+    skip = os.environ.get("IMAML_FAST_SKIP_CUDA", "").lower() in ("1", "on", "true", "yes")
+    info = _ext.build_info()
+    assert info is not None, _ext.load()[1]
+    if nvcc and not skip:
+        assert info["cuda"], f"nvcc is at {nvcc} but _C was built without CUDA: {info}"
+        assert "90" in info["cuda_archs"] or os.environ.get("IMAML_FAST_CUDA_ARCHS") \
+            or os.environ.get("CUDA_ARCHS")
+    elif not info["cuda"]:
+        assert info["no_cuda_reason"] in ("nvcc not found", "IMAML_FAST_SKIP_CUDA=1",
+                                          "IMAML_FAST_CUDA=OFF")
+
+
+def test_cuda_entry_points_report_a_missing_gpu_or_build_cleanly():
+    """Without CUDA compiled in, a *_cuda call raises with the C ABI's message instead of
+    crashing; with it but no GPU, the Python wrapper refuses CPU tensors."""
+    module, _ = _ext.load()
+    if not _ext.build_info()["cuda"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            module.batched_dot_cuda(0, 0, 0, 0, 1, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="a is on cpu"):
+        cuda_backend.batched_dot(torch.ones(2, 3), torch.ones(2, 3))
+
+
+def test_importing_imaml_fast_does_not_import_the_extension():
+    code = ("import sys, torch, imaml_fast; "
+            "assert 'imaml_fast._C' not in sys.modules, 'imported _C'; "
+            "from imaml_fast.backends import cpp, cuda; "
+            "assert 'imaml_fast._C' not in sys.modules, 'backends imported _C'; "
+            "assert not torch.cuda.is_initialized(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cpp_example_links_the_installed_library_and_passes_ctest(tmp_path):
+    """Configure + build + install the core library (CPU twin), then build csrc/examples
+    against the installed CMake package (find_package(imaml_fast)) and run ctest."""
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed to build imaml_fast._C and the C++ example"
+    gen = ["-GNinja"] if shutil.which("ninja") else []
+    env = dict(os.environ, IMAML_FAST_SKIP_CUDA="1")
+    lib, prefix, ex = tmp_path / "lib", tmp_path / "prefix", tmp_path / "ex"
+
+    def run(*cmd):
+        out = subprocess.run(list(cmd), capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    run(cmake, "-S", str(ROOT), "-B", str(lib), *gen, "-DIMAML_FAST_BUILD_EXAMPLES=OFF",
+        "-DCMAKE_BUILD_TYPE=Release")
+    run(cmake, "--build", str(lib), "--parallel", "2")
+    run(cmake, "--install", str(lib), "--prefix", str(prefix))
+    assert (prefix / "include" / "imaml_fast" / "imaml_fast.h").exists()
+    assert list(prefix.glob("lib*/cmake/imaml_fast/imaml_fastConfig.cmake"))
+    run(cmake, "-S", str(ROOT / "csrc" / "examples"), "-B", str(ex), *gen,
+        f"-DCMAKE_PREFIX_PATH={prefix}")
+    run(cmake, "--build", str(ex), "--parallel", "2")
+    out = run(shutil.which("ctest") or "ctest", "--test-dir", str(ex), "--output-on-failure")
+    assert "100% tests passed, 0 tests failed out of 1" in out, out
+
+
+# ---- backend reasons ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_runs_on_cpu_float32_and_float64(dtype):
+    assert cpp_backend.why_not(torch.device("cpu"), dtype) == []
+    assert set(cpp_backend.load_ops()) >= {"cg_update", "prox_update", "batched_dot"}
+
+
+def test_cpp_reasons_name_dtype_and_device():
+    assert cpp_backend.why_not("cpu", torch.float16) == \
+        ["dtype torch.float16 not supported by the CPU twin (float32, float64)"]
+    why = cpp_backend.why_not("cuda", torch.bfloat16)
+    assert why[0].startswith("tensors are on cuda") and "torch.bfloat16" in why[1]
+
+
+def test_cpp_and_cuda_say_the_extension_is_not_built(monkeypatch):
+    monkeypatch.setattr(_ext, "_state", (None, "the extension module is missing (...)"))
+    monkeypatch.setattr(_ext, "_info", None)
+    assert cpp_backend.why_not("cpu", torch.float32) == \
+        ["imaml_fast._C is not built: the extension module is missing (...)"]
+    assert "imaml_fast._C is not built" in cuda_backend.why_not("cuda", torch.float32)[0]
+    with pytest.raises(RuntimeError, match="imaml_fast._C is not built"):
+        cpp_backend.load_ops()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the reasons given on a machine without a GPU")
+def test_cuda_says_why_not_here():
+    why = cuda_backend.why_not(torch.device("cpu"), torch.float32)
+    assert why[0] == "tensors are on cpu (the CUDA kernels need cuda tensors)"
+    info = _ext.build_info()
+    if info["cuda"]:
+        assert why[1:] == ["no CUDA GPU is available (torch.cuda.is_available() is False)"]
+    else:
+        assert why[1].startswith(f"built without CUDA ({info['no_cuda_reason']})")
+    assert not any("dtype" in w for w in cuda_backend.why_not("cpu", torch.float16))
+    assert "dtype torch.int32" in " ".join(cuda_backend.why_not("cpu", torch.int32))
+
+
+def test_cuda_arch_rules():
+    assert cuda_backend.arch_supported((9, 0), "80-real 90")
+    assert cuda_backend.arch_supported((8, 6), "80-real 90")      # sm_80 SASS runs on 8.6
+    assert cuda_backend.arch_supported((10, 0), "80-real 90")     # compute_90 PTX is JIT-ed
+    assert not cuda_backend.arch_supported((10, 0), "80-real 90-real")
+    assert not cuda_backend.arch_supported((7, 5), "80-real 90")
+
+
+# ---- prox_update ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,rtol", FLOATS)
+@pytest.mark.parametrize("T,P", SIZES)
+@pytest.mark.parametrize("shared_theta", [True, False], ids=["theta_P", "theta_TP"])
+def test_prox_update_matches_reference(be, dtype, rtol, T, P, shared_theta):
+    phi, g = (torch.randn(T, P, dtype=dtype, device=be.device) for _ in range(2))
+    theta = torch.randn(*((P,) if shared_theta else (T, P)), dtype=dtype, device=be.device)
+    out = be.ops["prox_update"](phi, g, theta, 0.1, 2.0)
+    want = prox_update_ref(phi, g, theta, 0.1, 2.0)
+    assert out.shape == (T, P) and out.dtype == dtype and out.data_ptr() != phi.data_ptr()
+    if be.name == "cpp":  # same operations in the same order, no FMA contraction: bitwise
+        assert torch.equal(out, want)
+    assert rel(out, want) <= rtol
+
+
+def test_prox_update_rejects_bad_arguments_by_name():
+    ops = cpp_backend.load_ops()
+    phi, g = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="theta must be"):
+        ops["prox_update"](phi, g, torch.randn(4, dtype=torch.float64), 0.1, 1.0)
+    with pytest.raises(ValueError, match="g has dtype torch.float32"):
+        ops["prox_update"](phi, g.float(), phi[0], 0.1, 1.0)
+    with pytest.raises(ValueError, match="phi must be contiguous"):
+        ops["prox_update"](torch.randn(5, 3, dtype=torch.float64).t(), g, phi[0], 0.1, 1.0)
+    with pytest.raises(ValueError, match="phi has dtype torch.float16"):
+        ops["prox_update"](phi.half(), g.half(), phi[0].half(), 0.1, 1.0)
+    with pytest.raises(ValueError, match="lr=nan"):
+        ops["prox_update"](phi, g, phi[0], float("nan"), 1.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        ops["prox_update"](phi.requires_grad_(), g, g[0], 0.1, 1.0)
+
+
+# ---- batched_dot ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,rtol", FLOATS)
+@pytest.mark.parametrize("T,P", SIZES + [(3, 0)])
+def test_batched_dot_matches_reference(be, dtype, rtol, T, P):
+    a, b = (torch.randn(T, P, dtype=dtype, device=be.device) for _ in range(2))
+    a[:, : P // 2] += 1.0  # a non-zero mean: the sums do not cancel to noise
+    b[:, : P // 2] += 1.0
+    out = be.ops["batched_dot"](a, b)
+    want = batched_dot(a.double(), b.double())
+    assert out.shape == (T,) and out.dtype == dtype
+    assert rel(out, want) <= rtol
+    assert torch.equal(be.ops["batched_dot"](a, b), out)  # deterministic
+
+
+# ---- cg_update: one step -------------------------------------------------------------------------
+
+class SpdOperator:
+    """A_t v = d_t * v + U_t (U_t^T v): symmetric positive definite, matrix-free, any P."""
+
+    def __init__(self, T, P, dtype, device, k=3, lo=1.0, hi=5.0):
+        g = torch.Generator().manual_seed(1234 + T * 7919 + P)
+        d = lo + (hi - lo) * torch.rand(T, P, generator=g, dtype=torch.float64)
+        U = torch.randn(T, P, k, generator=g, dtype=torch.float64) / max(P, 1) ** 0.5
+        self.d, self.U = d.to(dtype).to(device), U.to(dtype).to(device)
+
+    def __call__(self, v):
+        return self.d * v + torch.einsum("tpk,tk->tp", self.U, torch.einsum("tpk,tp->tk", self.U, v))
+
+    def dense(self):
+        U = self.U.double()
+        return torch.diag_embed(self.d.double()) + U @ U.transpose(1, 2)
+
+
+def cg_state(T, P, dtype, device, steps=2):
+    """A mid-solve CG state after `steps` reference iterations, with tasks 1, 2, 3 (when they
+    exist) set to converged / negative curvature / non-finite: those must not be touched."""
+    A = SpdOperator(T, P, dtype, device)
+    b = torch.randn(T, P, dtype=dtype, device=device)
+    acc = acc_dtype(dtype)
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rs = batched_dot(r, r)
+    status = torch.zeros(T, dtype=torch.int8, device=device)
+    iters = torch.zeros(T, dtype=torch.long, device=device)
+    thresh = (1e-30 * batched_dot(b, b)).to(acc)
+    for _ in range(steps):
+        x, r, p, rs, status, iters = cg_update_ref(x, r, p, A(p), rs, status, iters, thresh)
+    for t, code in ((1, CG_CONVERGED), (2, CG_NEGATIVE_CURVATURE), (3, CG_NONFINITE)):
+        if t < T:
+            status[t] = code
+    return [x, r, p, A(p), rs, status, iters, thresh]
+
+
+def clone_all(state):
+    return [s.clone() for s in state]
+
+
+@pytest.mark.parametrize("dtype,rtol", FLOATS)
+@pytest.mark.parametrize("T,P", SIZES)
+@pytest.mark.parametrize("steps", [0, 2])
+def test_cg_update_matches_fused_reference_and_leaves_finished_tasks_alone(be, dtype, rtol, T,
+                                                                           P, steps):
+    state = cg_state(T, P, dtype, be.device, steps)
+    before = clone_all(state)
+    want = cg_update_fused_ref(*clone_all(state))
+    got = be.ops["cg_update"](*state)
+    assert all(g.data_ptr() == s.data_ptr() for g, s in zip(got, state[:3] + state[4:7]))
+    x, r, p, rs, status, iters = got
+    assert torch.equal(status, want[4]) and torch.equal(iters, want[5])
+    for a, b in zip((x, r, p, rs), want[:4]):
+        assert rel(a, b) <= rtol
+    finished = before[5] != CG_MAX_ITER
+    for new, old in zip((x, r, p, rs, status, iters), before[:3] + before[4:7]):
+        assert torch.equal(new[finished], old[finished])  # bit-identical
+    assert bool((iters[~finished] == before[6][~finished] + 1).all())
+
+
+@pytest.mark.parametrize("dtype,rtol", FLOATS)
+@pytest.mark.parametrize("T,P", [(7, 13), (7, 4097)])
+def test_cg_update_matches_classic_reference(be, dtype, rtol, T, P):
+    state = cg_state(T, P, dtype, be.device, steps=2)
+    want = cg_update_ref(*clone_all(state))
+    got = be.ops["cg_update"](*clone_all(state))
+    assert torch.equal(got[4], want[4]) and torch.equal(got[5], want[5])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b in zip(got[:2] + got[3:4], want[:2] + want[3:4]):  # x, r, rs
+        assert rel(a, b) <= tol
+    running = got[4] == CG_MAX_ITER  # p of tasks that just converged differs on purpose
+    assert rel(got[2][running], want[2][running]) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,P", [(1, 1), (7, 13), (7, 1000), (1, 4097)])
+def test_cg_solve_with_the_kernel_matches_linalg_solve_and_the_reference(be, dtype, T, P):
+    A = SpdOperator(T, P, dtype, be.device)
+    b = torch.randn(T, P, dtype=dtype, device=be.device)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    res = cg_solve(A, b, max_iter=60, tol=tol, update=be.ops["cg_update"])
+    ref = cg_solve(A, b, max_iter=60, tol=tol)
+    assert bool((res.status == CG_CONVERGED).all()), res.status
+    assert torch.equal(res.iters, ref.iters) and torch.equal(res.status, ref.status)
+    assert rel(res.x, ref.x) <= (1e-10 if dtype == torch.float64 else 1e-4)
+    if P <= 200:  # against the materialised operator
+        exact = torch.linalg.solve(A.dense(), b.double())
+        assert rel(res.x, exact) <= (1e-8 if dtype == torch.float64 else 1e-4)
+
+
+def test_cg_update_flags_negative_curvature_like_the_reference(be):
+    """pAp <= 0: on the first iteration the steepest-descent step x + p, later the last
+    iterate; flags, iterations and x exactly as cg_update_ref."""
+    dt, dev = torch.float64, be.device
+    T, P = 4, 9
+    x = torch.randn(T, P, dtype=dt, device=dev)
+    r = torch.randn(T, P, dtype=dt, device=dev)
+    p = torch.randn(T, P, dtype=dt, device=dev)
+    Ap = torch.randn(T, P, dtype=dt, device=dev)
+    Ap[0] = -p[0]          # pAp < 0, first iteration -> x + p
+    Ap[1] = -2 * p[1]      # pAp < 0, iteration 3 -> x kept
+    Ap[2] = 0              # pAp == 0 -> negative curvature too
+    Ap[3] = 3 * p[3]       # a healthy task beside them
+    rs = batched_dot(r, r)
+    status = torch.zeros(T, dtype=torch.int8, device=dev)
+    iters = torch.tensor([0, 3, 0, 2], device=dev)
+    thresh = torch.zeros(T, dtype=dt, device=dev)
+    state = [x, r, p, Ap, rs, status, iters, thresh]
+    want = cg_update_ref(*clone_all(state))
+    got = be.ops["cg_update"](*clone_all(state))
+    assert got[4].tolist() == [CG_NEGATIVE_CURVATURE] * 3 + [CG_MAX_ITER] == want[4].tolist()
+    assert got[5].tolist() == [0, 3, 0, 3] == want[5].tolist()
+    assert torch.equal(got[0][:3], want[0][:3])
+    assert torch.equal(got[0][0], x[0] + p[0]) and torch.equal(got[0][1], x[1])
+    for k in (1, 2, 3):  # r, p, rs of the flagged tasks untouched
+        assert torch.equal(got[k][:3], state[k if k < 3 else 4][:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cg_update_flags_non_finite_like_the_reference(be, dtype):
+    """NaN / inf in A p, and overflow inside the update (alpha = inf; r_new.r_new = inf): the
+    task stops at its last finite iterate, exactly like cg_update_ref; a task whose bound says
+    "might overflow" but does not takes the exact path and matches the reference."""
+    dev = be.device
+    big = 1e19 if dtype == torch.float32 else 1e154  # big^2 < max < (10 big)^2; big > bound
+    tiny = 1e-40 if dtype == torch.float32 else 1e-320  # a denormal p.Ap: alpha = inf
+    T, P = 6, 4
+    x = torch.randn(T, P, dtype=dtype, device=dev)
+    r = torch.zeros(T, P, dtype=dtype, device=dev)
+    r[:, 0] = 1.0
+    p = torch.zeros(T, P, dtype=dtype, device=dev)
+    p[:, 0] = 1.0
+    Ap = torch.zeros(T, P, dtype=dtype, device=dev)
+    Ap[:, 0] = 1.0
+    Ap[0, 1] = float("nan")                  # NaN: pAp = NaN
+    Ap[1, 0] = float("inf")                  # inf: pAp = inf
+    p[2, 0] = tiny ** 0.5; Ap[2, 0] = tiny ** 0.5  # noqa: E702  p.Ap denormal -> alpha = inf
+    Ap[3, 0], Ap[3, 1] = 1e-10, big * 1e-9   # alpha = 1e10: |r_new| = 10 big: r.r overflows
+    Ap[4, 0], Ap[4, 1] = 1e-10, big * 1e-10  # |r_new| = big: r.r finite, but above the bound
+    Ap[5, 0], Ap[5, 1] = 2.0, 1.0            # a healthy task: alpha = 1/2, r_new = -e2 / 2
+    rs = batched_dot(r, r)
+    status = torch.zeros(T, dtype=torch.int8, device=dev)
+    iters = torch.full((T,), 2, device=dev)
+    thresh = torch.zeros(T, dtype=dtype, device=dev)
+    state = [x, r, p, Ap, rs, status, iters, thresh]
+    want = cg_update_ref(*clone_all(state))
+    fused = cg_update_fused_ref(*clone_all(state))
+    got = be.ops["cg_update"](*clone_all(state))
+    codes = [CG_NONFINITE] * 4 + [CG_MAX_ITER, CG_MAX_ITER]
+    assert got[4].tolist() == codes == want[4].tolist() == fused[4].tolist()
+    assert got[5].tolist() == [2, 2, 2, 2, 3, 3] == want[5].tolist()
+    for k, name in enumerate(("x", "r", "p")):  # flagged tasks keep their last finite iterate
+        assert torch.equal(got[k][:4], state[k][:4]), name
+        assert bool(torch.isfinite(got[k]).all()), name
+    assert torch.equal(got[3][:4], rs[:4])
+    for k in (0, 1, 3):  # x, r, rs of the healthy and the risky-but-finite task
+        assert rel(got[k][4:], want[k][4:]) <= 1e-6
+    assert rel(got[2][4:], fused[2][4:]) <= 1e-6
+
+
+def test_cg_update_rejects_bad_arguments_by_name():
+    ops = cpp_backend.load_ops()
+    state = cg_state(3, 5, torch.float64, torch.device("cpu"))
+    bad = clone_all(state)
+    bad[2] = bad[1]  # p is r
+    with pytest.raises(ValueError, match="p and r share memory"):
+        ops["cg_update"](*bad)
+    bad = clone_all(state)
+    bad[5] = bad[5].long()
+    with pytest.raises(ValueError, match="status has dtype torch.int64, expected torch.int8"):
+        ops["cg_update"](*bad)
+    bad = clone_all(state)
+    bad[4] = bad[4].float()
+    with pytest.raises(ValueError, match="rs has dtype torch.float32, expected torch.float64"):
+        ops["cg_update"](*bad)
+    bad = clone_all(state)
+    bad[3] = torch.randn(5, 3, dtype=torch.float64).t()
+    with pytest.raises(ValueError, match="Ap must be contiguous"):
+        ops["cg_update"](*bad)
+    bad = clone_all(state)
+    bad[0] = bad[0][:, :4].contiguous()
+    with pytest.raises(ValueError, match=r"r has shape \(3, 5\), expected \(3, 4\)"):
+        ops["cg_update"](*bad)
+
+
+def test_cg_update_bumps_version_counters():
+    ops = cpp_backend.load_ops()
+    state = cg_state(2, 5, torch.float64, torch.device("cpu"))
+    versions = [t._version for t in state]
+    ops["cg_update"](*state)
+    changed = [t._version > v for t, v in zip(state, versions)]
+    assert changed == [True, True, True, False, True, True, True, False]
+
+
+# ---- dense_cg ------------------------------------------------------------------------------------
+
+def spd_matrices(T, P, dtype, device, cond=20.0):
+    g = torch.Generator().manual_seed(99 + T * 31 + P)
+    Q, _ = torch.linalg.qr(torch.randn(T, P, P, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, float(torch.log10(torch.tensor(cond))), P, dtype=torch.float64)
+    H = Q @ torch.diag_embed(ev.expand(T, P)) @ Q.transpose(1, 2)
+    return ((H + H.transpose(1, 2)) / 2).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,P", [(1, 1), (7, 13), (3, 60)])
+def test_dense_cg_matches_linalg_solve_and_the_matrix_free_solve(be, dtype, T, P):
+    H = spd_matrices(T, P, dtype, be.device)
+    b = torch.randn(T, P, dtype=dtype, device=be.device)
+    shift, scale = 1.0, 0.5
+    # Iterations and flags: a tolerance reached well before CG's finite termination, where
+    # the last iterations are rounding noise and any two implementations may differ by one.
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    x, iters, residual, status = be.ops["dense_cg"](H, b, shift, scale, 60, tol)
+    rx, riters, rresidual, rstatus = dense_cg_ref(H, b, shift, scale, 60, tol)
+    assert torch.equal(status, rstatus) and torch.equal(iters, riters)
+    assert bool((status == CG_CONVERGED).all())
+    assert residual.dtype == dtype
+    # (a task may stop at CG's finite termination with a residual at rounding-noise level)
+    torch.testing.assert_close(residual, rresidual, rtol=1e-8 if dtype == torch.float64 else 1e-2,
+                               atol=float(1e-3 * tol * b.norm(dim=1).max()))
+    assert rel(x, rx) <= (1e-10 if dtype == torch.float64 else 1e-5)
+    # Exactness: run to a tight tolerance and compare with the materialised solve.
+    x, iters, residual, status = be.ops["dense_cg"](H, b, shift, scale, 200,
+                                                     1e-13 if dtype == torch.float64 else 1e-7)
+    M = shift * torch.eye(P, dtype=torch.float64, device=be.device) + scale * H.double()
+    exact = torch.linalg.solve(M, b.double())
+    assert rel(x, exact) <= (1e-11 if dtype == torch.float64 else 1e-5)
+
+
+def test_dense_cg_flags_like_the_reference(be):
+    """Indefinite operator (first-iteration steepest-descent step x = b, or a later stop),
+    NaN in H, b = 0 (converged at once), max_iter reached."""
+    dt, dev = torch.float64, be.device
+    T, P = 5, 6
+    H = spd_matrices(T, P, dt, dev)
+    b = torch.randn(T, P, dtype=dt, device=dev)
+    H[0] = -H[0]                                  # negative definite: pAp < 0 at once
+    ev = torch.tensor([3.0, 2.0, 1.0, 0.5, -0.1, -4.0], dtype=dt, device=dev)
+    H[1] = torch.diag(ev)                         # indefinite
+    b[1] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.3, 0.05], dtype=dt, device=dev)
+    H[2, 1, 2] = float("nan")
+    b[3] = 0
+    for max_iter in (0, 2, 50):
+        x, iters, residual, status = be.ops["dense_cg"](H, b, 0.0, 1.0, max_iter, 1e-6)
+        rx, riters, rresidual, rstatus = dense_cg_ref(H, b, 0.0, 1.0, max_iter, 1e-6)
+        assert torch.equal(status, rstatus), (max_iter, status, rstatus)
+        assert torch.equal(iters, riters), (max_iter, iters, riters)
+        assert rel(x, rx) <= 1e-10 and bool(torch.isfinite(x).all())
+        torch.testing.assert_close(residual, rresidual, rtol=1e-8, atol=1e-12)
+    assert status.tolist() == [CG_NEGATIVE_CURVATURE, CG_NEGATIVE_CURVATURE, CG_NONFINITE,
+                               CG_CONVERGED, CG_CONVERGED]
+    assert iters[1] > 0 and iters[3] == 0
+    assert torch.equal(x[0], b[0]) and torch.equal(x[3], b[3])
+
+
+def test_dense_cg_rejects_bad_arguments_by_name():
+    ops = cpp_backend.load_ops()
+    H, b = spd_matrices(2, 3, torch.float64, "cpu"), torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"H must be \[T, P, P\]"):
+        ops["dense_cg"](H[:, :2], b, 1.0, 1.0, 5, 1e-6)
+    with pytest.raises(ValueError, match="max_iter=-1"):
+        ops["dense_cg"](H, b, 1.0, 1.0, -1, 1e-6)
+    with pytest.raises(ValueError, match="tol=-1"):
+        ops["dense_cg"](H, b, 1.0, 1.0, 5, -1.0)
+    with pytest.raises(ValueError, match="b has dtype torch.float16"):
+        ops["dense_cg"](H.half(), b.half(), 1.0, 1.0, 5, 1e-3)
+
+
+# ---- GPU only: low precision -------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_within_twice_the_reference_error(dtype):
+    """flash-attention's rule: the kernel's error against an fp64 reference is at most twice
+    the low-precision PyTorch reference's error (plus a little absolute slack)."""
+    ops = cuda_backend.load_ops()
+    T, P = 7, 4097
+    dev = torch.device("cuda")
+    phi, g, theta = (torch.randn(T, P, device=dev, dtype=torch.float64) for _ in range(3))
+    exact = prox_update_ref(phi, g, theta, 0.1, 2.0)
+    lp = [t.to(dtype) for t in (phi, g, theta)]
+    err_k = (ops["prox_update"](*lp, 0.1, 2.0).double() - exact).abs().max()
+    err_r = (prox_update_ref(*lp, 0.1, 2.0).double() - exact).abs().max()
+    assert err_k <= 2 * err_r + 1e-6
+    a, b = torch.randn(T, P, device=dev, dtype=torch.float64), torch.randn(T, P, device=dev,
+                                                                           dtype=torch.float64)
+    exact = batched_dot(a.to(dtype).double(), b.to(dtype).double())
+    err_k = (ops["batched_dot"](a.to(dtype), b.to(dtype)).double() - exact).abs().max()
+    err_r = (batched_dot(a.to(dtype), b.to(dtype)).double() - exact).abs().max()
+    assert err_k <= 2 * err_r + 1e-4
+    state = cg_state(T, P, torch.float64, dev, steps=2)
+    exact = cg_update_fused_ref(*clone_all(state))
+    low = [s.to(dtype) if s.is_floating_point() and s.dim() == 2 else s for s in clone_all(state)]
+    low[4], low[7] = state[4].float(), state[7].float()
+    got = ops["cg_update"](*clone_all(low))
+    ref = cg_update_fused_ref(*clone_all(low))
+    assert torch.equal(got[4], ref[4]) and torch.equal(got[5], ref[5])
+    for k in range(3):
+        err_k = (got[k].double() - exact[k]).abs().max()
+        err_r = (ref[k].double() - exact[k]).abs().max()
+        assert err_k <= 2 * err_r + 1e-3, (k, err_k, err_r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_cuda_cg_update_is_deterministic_and_graph_capturable():
+    ops = cuda_backend.load_ops()
+    state = cg_state(32, 113_000, torch.float32, torch.device("cuda"), steps=1)
+    a = ops["cg_update"](*clone_all(state))
+    b = ops["cg_update"](*clone_all(state))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    work = clone_all(state)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops["cg_update"](*clone_all(state))  # warm-up on the side stream
+        with torch.cuda.graph(g, stream=s):
+            ops["cg_update"](*work)
+    torch.cuda.current_stream().wait_stream(s)
+    for w, s0 in zip(work, clone_all(state)):
+        w.copy_(s0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(u, v) for u, v in zip(work[:3] + work[4:7], a[:3] + a[3:6]))
