@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_positive_int, default=100)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=_positive_int, default=1,
+                   help="processes that share each meta-batch (torch.distributed: gloo on CPU, "
+                        "NCCL on GPUs)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on meta-test tasks")
     e.add_argument("checkpoint")
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .train import RunSettings, train
+    from .train import RunSettings, train_multiprocess
 
     fields = {k: getattr(args, k) for k in (
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
@@ -103,8 +106,8 @@ def _train(args) -> int:
     s = RunSettings.from_preset(args.preset, **fields, seed=args.seed, device=args.device,
                                 data_root=args.data_root, out=out,
                                 checkpoint_every=args.checkpoint_every,
-                                progress=not args.no_progress)
-    summary = train(s, resume=args.resume)
+                                progress=not args.no_progress, nproc=args.nproc)
+    summary = train_multiprocess(s, resume=args.resume)
     last = summary["last"]
     metric = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("query_loss", "accuracy", "mse"))
     print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s ({metric}); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist_mod
 from .batching import choose_strategy
 from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
                          write_json_atomic)
@@ -30,7 +32,8 @@ from .presets import PRESETS
 from .trainer import IMAML
 
 # Settings a resumed run may change; every other field must match the checkpoint.
-RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress")
+RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
+                     "nproc")
 EVAL_SEED = 2019  # meta-test episodes come from their own stream, the same for every run
 
 
@@ -60,6 +63,7 @@ class RunSettings:
     out: Optional[str] = None
     checkpoint_every: int = 100
     progress: bool = True
+    nproc: int = 1
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunSettings":
@@ -75,7 +79,7 @@ class RunSettings:
                            backend=self.backend, task_batching=self.task_batching)
 
     def validate(self) -> None:
-        for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every"):
+        for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every", "nproc"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid: expected an int >= 1")
@@ -83,6 +87,9 @@ class RunSettings:
             raise ValueError(f"steps={self.steps!r} is invalid: expected an int >= 0")
         if not (isinstance(self.outer_lr, (int, float)) and self.outer_lr > 0):
             raise ValueError(f"outer_lr={self.outer_lr!r} is invalid: expected a number > 0")
+        if self.nproc > self.tasks:
+            raise ValueError(f"nproc={self.nproc} is more than tasks={self.tasks}: every process "
+                             f"needs at least one task of the meta-batch")
         if self.task == "omniglot" and self.n_way < 2:
             raise ValueError(f"n_way={self.n_way} is invalid for classification: use 2 or more")
         self.imaml_config()  # validates the engine's fields with their own messages
@@ -157,6 +164,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     s.validate()
     if not s.out:
         raise ValueError("out is required: the run folder for checkpoints and logs")
+    rank, world = dist_mod.rank_and_world()
+    main_rank = rank == 0
     out = Path(s.out)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
@@ -188,33 +197,47 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         probe = build_sampler(s, "train", s.tasks, seed=s.seed + 1).sample()
         fm = FunctionalModel(model, loss_fn)
         s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support, probe.y_support)
-    learner = IMAML(model, loss_fn, s.imaml_config(), optimizer)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(s.to_dict(), out / "settings.json")
+    learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1)
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(s.to_dict(), out / "settings.json")
+        _truncate_metrics(metrics_path, start)
+    # Every rank draws the whole meta-batch from the same sampler state and keeps its share,
+    # so the stream of tasks (and a checkpoint's sampler state) does not depend on the
+    # number of processes: a run can resume with another --nproc.
+    mine = dist_mod.shard(s.tasks, rank, world)
 
     def checkpoint(step):
+        if not main_rank:  # every rank holds the same state; rank 0 writes it
+            return
         save_atomic({"format": FORMAT, "step": step, "settings": s.to_dict(),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "sampler": sampler.state_dict(), "rng": _rng_state()}, ckpt_path)
 
-    bar = _progress(s, start)
+    bar = _progress(s, start) if main_rank else None
     t0 = time.perf_counter()
     step = start
     last = {}
-    with open(metrics_path, "a") as log:
+    with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
         while step < s.steps:
-            xs, ys, xq, yq = sampler.sample()
+            xs, ys, xq, yq = (t[mine] for t in sampler.sample())
             t_step = time.perf_counter()
             stats = learner.meta_step(xs, ys, xq, yq)
-            metric = task_metric(s, learner, stats.result.adapted, xq, yq).mean().item()
-            d = stats.to_dict()
+            r = stats.result
+            parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(r.query_loss.dtype)]
+            if s.task != "sinusoid":  # the query MSE is the query loss itself
+                parts.append(task_metric(s, learner, r.adapted, xq, yq).sum().to(r.query_loss.dtype))
+            sums = torch.stack(parts).double()
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            sums = (sums / s.tasks).tolist()
             step += 1
             dt = time.perf_counter() - t_step
-            last = {"step": step, "inner_loss": d["inner_loss"], "query_loss": d["query_loss"],
-                    ("mse" if s.task == "sinusoid" else "accuracy"): metric,
-                    "cg_iters": d["cg_iters"], "tasks_per_s": s.tasks / dt, "seconds": dt}
+            last = {"step": step, "inner_loss": sums[0], "query_loss": sums[1], "cg_iters": sums[2],
+                    "tasks_per_s": s.tasks / dt, "seconds": dt}
+            if s.task != "sinusoid":
+                last["accuracy"] = sums[3]
             log.write(json.dumps(last) + "\n")
             if bar is not None:
                 bar.update(1)
@@ -229,9 +252,46 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         bar.close()
     if step == start and not ckpt_path.exists():
         checkpoint(step)
-    curve = _plot_curve(metrics_path, out / "curve.png", s)
+    curve = _plot_curve(metrics_path, out / "curve.png", s) if main_rank else None
     return {"steps": step, "seconds": time.perf_counter() - t0, "last": last,
             "checkpoint": str(ckpt_path), "curve": curve}
+
+
+def _worker(rank: int, world: int, port: int, s: RunSettings, resume: bool, queue) -> None:
+    dist_mod.init_local(rank, world, port, s.device)
+    try:
+        summary = train(s, resume=resume)
+        if rank == 0:
+            queue.put(("ok", summary))
+    except BaseException as e:  # reported by the parent, which exits 2 for user errors
+        queue.put(("error", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
+        raise
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train_multiprocess(s: RunSettings, resume: bool = False) -> dict:
+    """train() in s.nproc local processes joined by torch.distributed (gloo on CPU, NCCL on
+    GPUs), each taking a share of every meta-batch."""
+    s.validate()
+    if s.nproc == 1:
+        return train(s, resume=resume)
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = dist_mod.free_port()
+    try:
+        mp.start_processes(_worker, args=(s.nproc, port, s, resume, queue), nprocs=s.nproc,
+                           join=True, start_method="spawn")
+    except mp.ProcessRaisedException:
+        pass  # the message is on the queue
+    while not queue.empty():
+        kind, payload = queue.get()
+        if kind == "error":
+            raise ValueError(payload)
+        return payload
+    raise RuntimeError("the training processes ended without a result")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -270,17 +330,17 @@ def _plot_curve(metrics_path: Path, png: Path, s: RunSettings) -> Optional[str]:
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     if not rows:
         return None
-    key = "mse" if s.task == "sinusoid" else "accuracy"
+    keys = ("inner_loss", "query_loss") if s.task == "sinusoid" else ("query_loss", "accuracy")
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, k in zip(axes, ("query_loss", key)):
+    for ax, k in zip(axes, keys):
         ys = [r[k] for r in rows]
         w = max(1, len(ys) // 50)
         smooth = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
         ax.plot(steps, ys, alpha=0.3)
         ax.plot(steps, smooth)
         ax.set_xlabel("meta-step")
-        ax.set_ylabel(f"train {k} after adaptation")
+        ax.set_ylabel(k.replace("_", " ") + " after adaptation (train tasks)")
     fig.suptitle(f"{s.preset}: {s.tasks} tasks per step")
     fig.tight_layout()
     fig.savefig(png, dpi=100)

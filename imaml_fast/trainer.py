@@ -48,10 +48,14 @@ class IMAML:
     loss_fn(output, labels) -> scalar, applied per task.
     outer_optimizer: any torch.optim optimizer over model.parameters() (None: only
         meta_gradient/accumulate/adapt/predict are used).
+    distributed: each rank of the initialised torch.distributed group passes its own share
+        of the meta-batch to meta_step/accumulate; the meta-gradient is the mean over all
+        ranks' tasks (imaml_fast.distributed). Every rank must call with the same parameters.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, config: Optional[IMAMLConfig] = None,
-                 outer_optimizer: Optional[torch.optim.Optimizer] = None):
+                 outer_optimizer: Optional[torch.optim.Optimizer] = None,
+                 distributed: bool = False, process_group=None):
         self.model = model
         self.loss_fn = loss_fn
         self.config = IMAMLConfig() if config is None else config
@@ -59,6 +63,15 @@ class IMAML:
             raise ValueError(f"config must be an IMAMLConfig, got {type(self.config).__name__}")
         self.outer_optimizer = outer_optimizer
         self._fm = FunctionalModel(model, loss_fn)  # validates BatchNorm, builds the layout
+        self.distributed = distributed
+        self.process_group = process_group
+        if distributed:
+            from . import distributed as dist_mod
+
+            if not dist_mod.enabled(process_group):
+                raise ValueError("distributed=True needs an initialised torch.distributed process "
+                                 "group: call torch.distributed.init_process_group first (or "
+                                 "launch with torchrun / imaml-fast train --nproc N)")
 
     def _theta(self) -> torch.Tensor:
         params = dict(self.model.named_parameters())
@@ -71,17 +84,27 @@ class IMAML:
 
     def _checked(self, x_support, y_support, x_query, y_query) -> MetaGradient:
         result = self.meta_gradient(x_support, y_support, x_query, y_query)
+        bad = torch.zeros(result.cg_status.shape[0], dtype=torch.bool, device=result.cg_status.device)
         if self.config.check_finite:
-            # One host sync: a task whose adaptation or solve went non-finite must not be
-            # averaged in (CG would report it as CG_NONFINITE with a zero solution).
+            # A task whose adaptation or solve went non-finite must not be averaged in (CG
+            # reports it as CG_NONFINITE with a zero solution).
             bad = (~torch.isfinite(result.task_grads_flat).all(1)
                    | ~torch.isfinite(result.adapted_flat).all(1)
                    | ~torch.isfinite(result.query_loss) | (result.cg_status == CG_NONFINITE))
-            if bool(bad.any()):
-                raise FloatingPointError(
-                    f"the meta-gradient is not finite for tasks {bad.nonzero().flatten().tolist()}: "
-                    f"the inner loop diverged or the losses overflowed; lower inner_lr or raise "
-                    f"lam. Parameters and optimizer state are unchanged.")
+        if self.distributed:
+            from .distributed import reduce_meta_gradient
+
+            mean, n_bad = reduce_meta_gradient(result.task_grads_flat, bad, self.process_group)
+            result.grads_flat = mean
+            result.grads = self._fm.unflatten(mean)
+        else:
+            n_bad = int(bad.sum()) if self.config.check_finite else 0  # one host sync
+        if n_bad:
+            where = bad.nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"the meta-gradient is not finite for {n_bad} task(s) (here: {where}): the inner "
+                f"loop diverged or the losses overflowed; lower inner_lr or raise lam. "
+                f"Parameters and optimizer state are unchanged.")
         return result
 
     def accumulate(self, x_support, y_support, x_query, y_query) -> MetaStepStats:

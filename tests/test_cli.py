@@ -35,7 +35,7 @@ def test_no_arguments_trains_the_sinusoid_preset(monkeypatch, capsys):
         seen["s"] = s
         return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
 
-    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
     code, out, _ = run([], capsys)
     assert code == 0 and seen["s"].preset == "sinusoid" and seen["s"].steps == 1000
     assert seen["s"].out.startswith("runs/sinusoid-")
@@ -43,7 +43,7 @@ def test_no_arguments_trains_the_sinusoid_preset(monkeypatch, capsys):
 
 def test_flags_override_the_preset(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(train_mod, "train", lambda s, resume=False: seen.setdefault("s", s) and
+    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False: seen.setdefault("s", s) and
                         {"steps": 0, "seconds": 0.0, "last": {}, "curve": None})
     run(["train", "omniglot-20w5s", "--lam", "3", "--inner-steps", "7", "--task-batching", "4",
          "--out", "x", "--data-root", "d"], capsys)
