@@ -14,6 +14,7 @@ INNER_SOLVERS = ("gd", "hf")
 HVP_MODES = ("auto", "fwdrev", "revrev")
 TASK_BATCHING = ("auto", "vmap", "loop")
 CG_DENSE = ("auto", "never", "always")
+AMP = ("none", "bf16", "fp16")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -57,6 +58,9 @@ class IMAMLConfig:
         tasks in one vmap), "loop" (one functional call per task), an int k (vmap over chunks
         of k tasks) or "auto" (measured once per model, shape and device, then cached).
     check_finite: IMAML.meta_step refuses a non-finite meta-gradient (one host sync per step).
+    amp: "bf16" (or "fp16", CUDA only) runs the model's forward and backward passes under
+        torch.autocast while parameters, inner updates and the CG solve stay in fp32 (the
+        parameters' dtype); "none" runs everything in the parameters' dtype.
     cg_dense: "always" materialises each task's support Hessian [T, P, P] once and runs the
         whole implicit CG solve in one kernel launch (small models); "never" keeps the
         matrix-free solve; "auto" takes the dense path on CUDA devices for P <= 4096 (see
@@ -77,6 +81,7 @@ class IMAMLConfig:
     task_batching: Union[str, int] = "auto"
     check_finite: bool = True
     cg_dense: str = "auto"
+    amp: str = "none"
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -102,6 +107,8 @@ class IMAMLConfig:
             _fail("task_batching", tb, f"allowed values are {TASK_BATCHING} or an int >= 1")
         if self.cg_dense not in CG_DENSE:
             _fail("cg_dense", self.cg_dense, f"allowed values are {CG_DENSE}")
+        if self.amp not in AMP:
+            _fail("amp", self.amp, f"allowed values are {AMP}")
         if not isinstance(self.check_finite, bool):
             _fail("check_finite", self.check_finite, "expected True or False")
 

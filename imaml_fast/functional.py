@@ -35,7 +35,8 @@ class FunctionalModel:
     exactly as it would be in a per-task training loop (for example F.cross_entropy).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, params: Dict[str, torch.Tensor] = None):
+    def __init__(self, model: nn.Module, loss_fn: Callable, params: Dict[str, torch.Tensor] = None,
+                 amp: str = "none"):
         check_batchnorm(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -60,6 +61,7 @@ class FunctionalModel:
                     f"{self.dtype} on {self.device}: all parameters must share dtype and device"
                 )
         self.theta = self.flatten_params(params)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # Buffers (none for batch-statistics BatchNorm) are passed unchanged to every task.
         self.buffers = dict(model.named_buffers())
 
@@ -87,7 +89,14 @@ class FunctionalModel:
         params = self.unflatten(flat)
         if self.buffers:
             params = {**self.buffers, **params}
-        return functional_call(self.model, params, (x,))
+        if self.amp_dtype is None:
+            return functional_call(self.model, params, (x,))
+        # Mixed precision: the model's matmuls and convolutions in bf16/fp16, the output
+        # returned in the parameters' dtype so that the loss (and everything after it:
+        # gradients, inner updates, CG) stays in full precision.
+        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+            out = functional_call(self.model, params, (x,))
+        return out.to(self.dtype)
 
     def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward_one(flat, x), y)

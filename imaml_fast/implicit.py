@@ -89,7 +89,7 @@ def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_q
     config = IMAMLConfig() if config is None else config
     if not isinstance(config, IMAMLConfig):
         raise ValueError(f"config must be an IMAMLConfig, got {type(config).__name__}")
-    fm = FunctionalModel(model, loss_fn, params)
+    fm = FunctionalModel(model, loss_fn, params, amp=config.amp)
     return meta_gradient_flat(fm, x_support, y_support, x_query, y_query, config,
                               operator=operator)
 

@@ -62,7 +62,8 @@ class IMAML:
         if not isinstance(self.config, IMAMLConfig):
             raise ValueError(f"config must be an IMAMLConfig, got {type(self.config).__name__}")
         self.outer_optimizer = outer_optimizer
-        self._fm = FunctionalModel(model, loss_fn)  # validates BatchNorm, builds the layout
+        # validates BatchNorm, builds the layout
+        self._fm = FunctionalModel(model, loss_fn, amp=self.config.amp)
         self.distributed = distributed
         self.process_group = process_group
         if distributed:
