@@ -19,10 +19,14 @@ def test_backend_info_lists_every_backend_with_reasons():
     assert info["torch"]["available"] and info["reference"]["available"]
 
 
-def test_auto_runs_torch_on_cpu_and_says_so():
+def test_auto_on_cpu_takes_the_cpp_twin_then_torch_and_says_so():
+    from imaml_fast.backends import cpp
+    expected = "torch" if cpp.why_not(torch.device("cpu"), torch.float64) else "cpp"
     r = meta_gradient(mlp(), F.cross_entropy, *class_episode(2, 3, 3, (3,), 2), IMAMLConfig(inner_steps=1))
-    assert r.backend == "torch"
-    assert resolve_backend("auto", "cpu", torch.float32).name == "torch"
+    assert r.backend == expected
+    assert resolve_backend("auto", "cpu", torch.float32).name == expected
+    # dtypes the C++ twin does not take fall back to torch
+    assert resolve_backend("auto", "cpu", torch.bfloat16).name == "torch"
 
 
 def test_explicit_backend_that_cannot_run_raises_with_its_reasons():

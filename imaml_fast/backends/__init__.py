@@ -34,8 +34,11 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
-# "auto" tries these in order, per device type.
-_AUTO_ORDER = {"cpu": ["torch"], "cuda": ["torch"]}
+# "auto" tries these in order, per device type. CPU: the C++ twins' fused CG and proximal
+# update measured faster than the PyTorch ops (meta-step 2.13 s vs 2.28 s for omniglot-5w1s,
+# benchmarks/results/cpu-epyc-2core/compare.md); without _C the torch backend runs. GPU: the
+# CUDA kernels, then Triton, then torch (not yet measured on a GPU: benchmarks/gpu_check.sh).
+_AUTO_ORDER = {"cpu": ["cpp", "torch"], "cuda": ["cuda", "triton", "torch"]}
 
 
 def register_backend(backend: Backend) -> None:

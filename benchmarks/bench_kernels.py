@@ -1,8 +1,8 @@
 """GPU timing of the csrc CUDA kernels against the PyTorch references (and the Triton
 kernels when they import), with CUDA events; a prepared script for the GPU check.
 
-    python csrc/tools/bench_cuda_kernels.py [--out results.md]
-    python csrc/tools/bench_cuda_kernels.py --cpu-dry-run   # checks this script on a CPU
+    python benchmarks/bench_kernels.py [--out results.md]
+    python benchmarks/bench_kernels.py --cpu-dry-run   # checks this script on a CPU
 
 For each op: median milliseconds over repeats after warm-up, the bytes the op must move,
 the effective bandwidth, and that bandwidth as a fraction of a device-to-device copy measured
