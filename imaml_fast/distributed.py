@@ -59,4 +59,8 @@ def init_local(rank: int, world: int, port: int, device: str = "cpu") -> None:
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        # Local CPU ranks share the cores: more threads than cores makes OpenMP threads spin
+        # against each other (tens of times slower on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, rank=rank, world_size=world)

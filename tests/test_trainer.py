@@ -118,3 +118,36 @@ def test_meta_step_needs_an_optimizer():
     learner = IMAML(mlp(), F.cross_entropy, CFG)
     with pytest.raises(ValueError, match="outer optimizer"):
         learner.meta_step(*class_episode(2, 3, 3, (3,), 2))
+
+
+def test_inside_a_users_training_loop_with_scheduler_clipping_and_a_shared_loss():
+    """accumulate() composes with any optimizer, LR scheduler, gradient clipping and other
+    losses on the same parameters, exactly as the same gradients from backward() would."""
+    torch.manual_seed(3)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt2 = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    learner = IMAML(model, F.cross_entropy, CFG)
+    x_extra = torch.randn(6, 3, dtype=DT)
+    for _ in range(3):
+        ep = class_episode(3, 4, 4, (3,), 2)
+        meta = meta_gradient(twin, F.cross_entropy, *ep, CFG).grads  # computed before any change
+        opt.zero_grad()
+        (0.1 * model(x_extra).pow(2).mean()).backward()      # a regulariser on shared parameters
+        learner.accumulate(*ep)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        sched.step()
+        opt2.zero_grad()
+        (0.1 * twin(x_extra).pow(2).mean()).backward()
+        for n, p in twin.named_parameters():
+            p.grad += meta[n]
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        opt2.step()
+        sched2.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert sched.get_last_lr()[0] == 0.1 / 8
