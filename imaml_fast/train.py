@@ -239,12 +239,12 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             if s.task != "sinusoid":
                 last["accuracy"] = sums[3]
             log.write(json.dumps(last) + "\n")
+            log.flush()  # a line per step, readable while the run goes on
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in ("step", "seconds", "cg_iters")})
             stopping = stop_after is not None and step - start >= stop_after
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
-                log.flush()
                 checkpoint(step)
             if stopping:
                 break
