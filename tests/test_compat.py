@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from _helpers import task_loss_fn
 from imaml_fast import IMAMLConfig, compat, meta_gradient
 from imaml_fast.compat.imaml_dev import dataset, learner_model, utils
 from imaml_fast.compat.imaml_dev.learner_model import Learner, make_conv_network, make_fc_network
@@ -32,17 +32,7 @@ def tanh_net():
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
 
 
-def loss_of_flat(model, loss_fn, x, y):
-    """w -> loss, independent of the package's flat-layout code."""
-    named = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
-
-    def f(w):
-        params, o = {}, 0
-        for n, s, k in named:
-            params[n] = w[o:o + k].reshape(s)
-            o += k
-        return loss_fn(functional_call(model, params, (x,)), y)
-    return f
+loss_of_flat = task_loss_fn  # w -> loss, independent of the package's flat-layout code
 
 
 def hessian_at(model, loss_fn, x, y, w):
