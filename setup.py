@@ -165,7 +165,10 @@ setup(
     install_requires=["torch>=2.1,<2.15", "numpy>=1.22", "pillow>=9", "tqdm>=4.60"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0"],
                     "triton": ["triton>=3.0"],
-                    "plot": ["matplotlib>=3.5"]},
+                    "plot": ["matplotlib>=3.5"],
+                    # peers for benchmarks/compare.py (betty-ml 0.1.1's metadata is rejected by
+                    # new pips: install it by hand, see benchmarks/README.md)
+                    "bench": ["torchopt==0.7.3", "higher==0.2.1", "matplotlib>=3.5"]},
     entry_points={"console_scripts": ["imaml-fast = imaml_fast.cli:main"]},
     # imaml_fast._C from csrc/ through CMake (see the module docstring for the switches).
     ext_modules=[CMakeExtension("imaml_fast._C")],

@@ -1,0 +1,56 @@
+"""imaml_fast itself, as one implementation per backend: the default (backend="auto") and every
+other backend that imaml_fast.backend_info() says can run here (on the CPU: "reference", the
+sequential per-task path with the structure of the authors' code and the paper's math)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from .common import Result, Settings
+
+DEFAULT = "imaml_fast default"
+
+
+def config(s: Settings, **overrides):
+    from imaml_fast import IMAMLConfig
+
+    return IMAMLConfig(inner_solver="gd", inner_steps=s.inner_steps, inner_lr=s.inner_lr,
+                       lam=s.lam, cg_steps=s.cg_steps, cg_tol=s.cg_tol, **overrides)
+
+
+def build(model: torch.nn.Module, loss_fn, s: Settings, **overrides):
+    from imaml_fast import meta_gradient
+
+    cfg = config(s, **overrides)
+
+    def run(xs, ys, xq, yq) -> Result:
+        r = meta_gradient(model, loss_fn, xs, ys, xq, yq, cfg)
+        return Result(grad=r.grads_flat, phi=r.adapted_flat,
+                      info={"backend": r.backend, "hvp": r.hvp,
+                            "task_batching": r.task_batching,
+                            "cg_iters_mean": float(r.cg_iters.float().mean())})
+
+    return run
+
+
+def variants(device="cpu", dtype=torch.float32) -> Tuple[List[Tuple[str, Dict]], List[str]]:
+    """[(name, config overrides)] for the default and every other backend that runs here,
+    and messages for those that cannot."""
+    from imaml_fast import backend_info
+    from imaml_fast.backends import resolve_backend
+
+    auto = resolve_backend("auto", torch.device(device), dtype).name
+    out = [(DEFAULT, {})]
+    skipped = []
+    for b in backend_info(device, dtype):
+        if not b["available"]:
+            skipped.append(f"imaml_fast backend '{b['name']}' skipped: " + "; ".join(b["reasons"]))
+        elif (b["name"] == "triton" and torch.device(device).type == "cpu"
+              and os.environ.get("TRITON_INTERPRET") == "1"):
+            skipped.append("imaml_fast backend 'triton' skipped: TRITON_INTERPRET=1 runs its "
+                           "kernels in the interpreter, a test mode, not a speed to compare")
+        elif b["name"] != auto:  # the default already runs `auto`'s backend
+            out.append((f"imaml_fast {b['name']}", {"backend": b["name"]}))
+    return out, skipped

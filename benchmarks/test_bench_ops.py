@@ -1,0 +1,91 @@
+"""pytest-benchmark microbenchmarks of imaml_fast's CPU ops. Not part of the test suite
+(setup.cfg's testpaths = tests does not collect benchmarks/); run them explicitly:
+
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-autosave
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-compare      # against the last save
+
+Shapes are the paper's Omniglot setting: the authors' network for 5-way (P = 113,221
+parameters), T = 32 tasks, 1 support example per class; the full meta-step runs at a reduced
+T = 8 (16 inner steps, 5 CG steps) to keep the file quick.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imaml_fast import BatchedHVP, FunctionalModel, IMAMLConfig, cg_solve, meta_gradient
+from imaml_fast.batching import choose_strategy
+from imaml_fast.inner import prox_update_ref
+from imaml_fast.models import omniglot_conv
+
+T, N_WAY = 32, 5
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def episode(tasks, n_way=N_WAY):
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(tasks, n_way, 1, 28, 28, generator=g)
+    xq = torch.randn(tasks, n_way, 1, 28, 28, generator=g)
+    y = torch.arange(n_way).expand(tasks, -1).contiguous()
+    return xs, y, xq, y.clone()
+
+
+@pytest.fixture(scope="module")
+def omniglot():
+    torch.manual_seed(0)
+    model = omniglot_conv(N_WAY)
+    fm = FunctionalModel(model, F.cross_entropy)
+    return model, fm
+
+
+def test_cg_solve_fixed_matvec(benchmark):
+    """5 masked batched CG iterations on [T, P] with a fixed diagonal SPD operator: the vector
+    work of the implicit solve without any model compute."""
+    benchmark.group = "cg_solve"
+    P = 113_221
+    d = 1.0 + 2.0 * torch.rand(T, P)
+    b = torch.randn(T, P)
+    res = benchmark(cg_solve, lambda v: d * v, b, max_iter=5, tol=0.0)
+    assert res.x.shape == (T, P) and bool(torch.isfinite(res.x).all())
+
+
+def test_prox_update_ref(benchmark):
+    """One proximal inner step phi - lr (g + lam (phi - theta)) over [T, P]."""
+    benchmark.group = "prox_update"
+    P = 113_221
+    phi, g, theta = torch.randn(T, P), torch.randn(T, P), torch.randn(P)
+    out = benchmark(prox_update_ref, phi, g, theta, 0.1, 2.0)
+    assert out.shape == (T, P)
+
+
+@pytest.mark.parametrize("mode", ["revrev", "fwdrev"])
+def test_batched_hvp_product(benchmark, omniglot, mode):
+    """One batched Hessian-vector product H v on the Omniglot network (T = 32), with the
+    task batching the default engine would choose; revrev's graph is built once, outside the
+    timed call, as in a CG solve."""
+    benchmark.group = "batched_hvp"
+    _, fm = omniglot
+    xs, ys, _, _ = episode(T)
+    strategy = choose_strategy("auto", fm, fm.theta, xs, ys)
+    phi = fm.theta.expand(T, -1) + 0.01 * torch.randn(T, fm.num_params)
+    hvp = BatchedHVP(fm, phi, xs, ys, mode, strategy)
+    v = torch.randn(T, fm.num_params)
+    out = benchmark(hvp, v)
+    assert out.shape == v.shape and bool(torch.isfinite(out).all())
+    hvp.release()
+
+
+def test_meta_step_reduced(benchmark, omniglot):
+    """One full default meta-gradient (16 inner steps, 5 CG steps) at a reduced T = 8."""
+    benchmark.group = "meta_step"
+    model, _ = omniglot
+    ep = episode(8)
+    cfg = IMAMLConfig(inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5)
+    r = benchmark.pedantic(meta_gradient, args=(model, F.cross_entropy, *ep, cfg),
+                           rounds=5, iterations=1, warmup_rounds=1)
+    assert r.grads_flat.shape == (sum(p.numel() for p in model.parameters()),)
