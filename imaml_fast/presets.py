@@ -4,8 +4,11 @@ The Omniglot presets follow the iMAML paper's settings: lam = 2, 5 CG steps, 16 
 for 5-way and 25 for 20-way, Adam as the outer optimizer. Where the paper is silent we chose,
 and say why here:
 
-- inner_lr 0.1: with lam = 2 each proximal step contracts phi - theta by (1 - 0.2), stable
-  for the authors' network, and what the project's benchmarks use;
+- inner_lr 0.03: with 0.1 (what the project's speed benchmarks use) the inner gradient
+  descent stops converging once meta-training sharpens the network: in a 600-step CPU run the
+  support loss after adaptation rose from 0.1 to 3.0 and meta-test accuracy ended at 30%.
+  With 0.03 (T = 8, 250 steps, same seed) the support loss stays near 0.06 and query accuracy
+  after adaptation rises steadily (56% -> 73%) where 0.1 peaks at 66% and falls back;
 - tasks per meta-batch 32 (5-way) and 16 (20-way, four times the images per task);
 - 1 or 5 support images per class as the preset says, and 5 query images per class in
   training and evaluation: the query set only enters through one gradient, and 5 per class
@@ -26,7 +29,7 @@ from __future__ import annotations
 def _omniglot(n_way: int, k_shot: int) -> dict:
     return dict(task="omniglot", n_way=n_way, k_shot=k_shot, q_query=5,
                 tasks=32 if n_way == 5 else 16, steps=30000, inner_solver="gd",
-                inner_steps=16 if n_way == 5 else 25, inner_lr=0.1, lam=2.0, cg_steps=5,
+                inner_steps=16 if n_way == 5 else 25, inner_lr=0.03, lam=2.0, cg_steps=5,
                 outer_lr=1e-3)
 
 
