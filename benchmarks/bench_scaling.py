@@ -47,7 +47,7 @@ def _worker(rank, world, port, args, queue):
     if rank == 0:
         queue.put(statistics.median(times))
     if world > 1:
-        torch.distributed.destroy_process_group()
+        D.shutdown()
 
 
 def main(argv=None):

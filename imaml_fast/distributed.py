@@ -64,3 +64,12 @@ def init_local(rank: int, world: int, port: int, device: str = "cpu") -> None:
         # against each other (tens of times slower on 2 cores).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, rank=rank, world_size=world)
+
+
+def shutdown(group=None) -> None:
+    """Leave the process group once every rank is done. Without the barrier a rank that
+    finishes first tears gloo down while the others still talk to it, which can abort the
+    process ("terminate called without an active exception")."""
+    if enabled(group):
+        dist.barrier(group)
+        dist.destroy_process_group()

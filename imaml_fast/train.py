@@ -265,9 +265,9 @@ def _worker(rank: int, world: int, port: int, s: RunSettings, resume: bool, queu
             queue.put(("ok", summary))
     except BaseException as e:  # reported by the parent, which exits 2 for user errors
         queue.put(("error", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
-        raise
-    finally:
         torch.distributed.destroy_process_group()
+        raise
+    dist_mod.shutdown()
 
 
 def train_multiprocess(s: RunSettings, resume: bool = False) -> dict:

@@ -45,8 +45,10 @@ def _worker(rank, world, port, path):
     D.init_local(rank, world, port)
     try:
         _run(rank, world, path)
-    finally:
+        D.shutdown()
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
