@@ -153,6 +153,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as e:  # user errors: DataError, CheckpointError, bad values
         print(f"imaml-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged: the last checkpoint is intact
+        print(f"imaml-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("imaml-fast: interrupted; the last checkpoint is intact (resume with --resume)",
               file=sys.stderr)

@@ -34,7 +34,10 @@ from .trainer import IMAML
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
                      "nproc")
-EVAL_SEED = 2019  # meta-test episodes come from their own stream, the same for every run
+EVAL_SEED = 2019
+# A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
+# row end the run with the error.
+MAX_CONSECUTIVE_SKIPS = 10  # meta-test episodes come from their own stream, the same for every run
 
 
 @dataclass
@@ -219,11 +222,22 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     t0 = time.perf_counter()
     step = start
     last = {}
+    skipped = consecutive = 0
     with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
         while step < s.steps:
             xs, ys, xq, yq = (t[mine] for t in sampler.sample())
             t_step = time.perf_counter()
-            stats = learner.meta_step(xs, ys, xq, yq)
+            try:
+                stats = learner.meta_step(xs, ys, xq, yq)
+            except FloatingPointError:
+                # meta_step changed nothing; a rare divergent task should not end a long run,
+                # a run that keeps diverging should (every rank agrees: the check is reduced).
+                skipped += 1
+                consecutive += 1
+                if consecutive >= MAX_CONSECUTIVE_SKIPS:
+                    raise
+                continue
+            consecutive = 0
             r = stats.result
             parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(r.query_loss.dtype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
@@ -235,7 +249,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             step += 1
             dt = time.perf_counter() - t_step
             last = {"step": step, "inner_loss": sums[0], "query_loss": sums[1], "cg_iters": sums[2],
-                    "tasks_per_s": s.tasks / dt, "seconds": dt}
+                    "tasks_per_s": s.tasks / dt, "seconds": dt, "skipped": skipped}
             if s.task != "sinusoid":
                 last["accuracy"] = sums[3]
             log.write(json.dumps(last) + "\n")

@@ -139,3 +139,25 @@ def test_omniglot_needs_a_data_root(tmp_path):
     with pytest.raises(ValueError, match="--data-root"):
         train(s)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_rare_divergent_meta_batch_is_skipped_a_persistent_one_ends_the_run(tmp_path, monkeypatch):
+    real = IMAML.meta_step
+    calls = {"n": 0}
+
+    def diverges_on_call_2(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("not finite")
+        return real(self, *a)
+
+    monkeypatch.setattr(IMAML, "meta_step", diverges_on_call_2)
+    summary = train(sin_settings(tmp_path / "run"))
+    assert summary["steps"] == 6 and summary["last"]["skipped"] == 1 and calls["n"] == 7
+
+    def always(self, *a):
+        raise FloatingPointError("not finite")
+
+    monkeypatch.setattr(IMAML, "meta_step", always)
+    with pytest.raises(FloatingPointError):
+        train(sin_settings(tmp_path / "bad"))
