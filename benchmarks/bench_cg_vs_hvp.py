@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +21,11 @@ from imaml_fast.backends import resolve_backend
 from imaml_fast.hvp import BatchedHVP
 from imaml_fast.models import omniglot_conv
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from bench_meta_step import time_it  # the same warm-up + synchronised median timing
 
 
 def median_time(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_it(fn, repeats, device)[0]
 
 
 def main(argv=None):

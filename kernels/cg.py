@@ -49,6 +49,12 @@ def _cg_dots_kernel(p_ptr, ap_ptr, r_ptr, part_ptr, T, P, NB, BLOCK: tl.constexp
 
 
 @triton.jit
+def _all_finite(pAp, rAp, ApAp):
+    return (pAp == pAp) & (tl.abs(pAp) < float("inf")) & (rAp == rAp) & \
+        (tl.abs(rAp) < float("inf")) & (ApAp == ApAp) & (ApAp < float("inf"))
+
+
+@triton.jit
 def _task_dots(part_ptr, t, T, NB, NB_POW: tl.constexpr):
     i = tl.arange(0, NB_POW)
     m = i < NB
@@ -66,8 +72,7 @@ def _cg_update_kernel(x_ptr, r_ptr, p_ptr, ap_ptr, rs_ptr, status_ptr, iters_ptr
     pAp, rAp, ApAp = _task_dots(part_ptr, t, T, NB, NB_POW)
     rs = tl.load(rs_ptr + t)
     active = tl.load(status_ptr + t) == 0
-    finite = (pAp == pAp) & (tl.abs(pAp) < float("inf")) & (rAp == rAp) & \
-        (tl.abs(rAp) < float("inf")) & (ApAp == ApAp) & (ApAp < float("inf"))
+    finite = _all_finite(pAp, rAp, ApAp)
     negative = active & finite & (pAp <= 0)
     ok = active & finite & (pAp > 0)
     first_neg = negative & (tl.load(iters_ptr + t) == 0)
@@ -108,8 +113,7 @@ def _cg_finish_kernel(rs_ptr, thresh_ptr, status_ptr, iters_ptr, part_ptr, rr_pt
     pAp, rAp, ApAp = _task_dots(part_ptr, t, T, NB, NB_POW)
     status = tl.load(status_ptr + t)
     active = status == 0
-    finite = (pAp == pAp) & (tl.abs(pAp) < float("inf")) & (rAp == rAp) & \
-        (tl.abs(rAp) < float("inf")) & (ApAp == ApAp) & (ApAp < float("inf"))
+    finite = _all_finite(pAp, rAp, ApAp)
     nonfinite = active & ~finite
     negative = active & finite & (pAp <= 0)
     ok = active & finite & (pAp > 0)
