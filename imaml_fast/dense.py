@@ -40,8 +40,8 @@ def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vma
     with torch.enable_grad():
         grads, leaves, _ = fm.grad_pieces(phi, x, y, strategy, create_graph=True)
         start = 0
-        for g, leaf in zip(grads, leaves):
-            n = leaf.shape[0]
+        for g, span in zip(grads, leaves):
+            n = span[0].shape[0]
             if not g.requires_grad:  # loss linear in the parameters
                 H[start:start + n] = 0
                 start += n
@@ -51,8 +51,10 @@ def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vma
                 basis = torch.zeros(j1 - j0, n, P, dtype=phi.dtype, device=phi.device)
                 idx = torch.arange(j1 - j0, device=phi.device)
                 basis[idx, :, j0 + idx] = 1
-                (cols,) = torch.autograd.grad(g, leaf, basis, retain_graph=True,
-                                              is_grads_batched=True)
+                cols = torch.autograd.grad(g, span, basis, retain_graph=True,
+                                           is_grads_batched=True, allow_unused=True,
+                                           materialize_grads=True)
+                cols = torch.cat([c.reshape(j1 - j0, n, -1) for c in cols], dim=2)
                 H[start:start + n, :, j0:j1] = cols.permute(1, 2, 0)
             start += n
     return H

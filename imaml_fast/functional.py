@@ -84,9 +84,29 @@ class FunctionalModel:
         }
 
     # ---- forward passes ------------------------------------------------------------------
-    def forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Model output for one task's parameters [P] on x [N, ...]."""
-        params = self.unflatten(flat)
+    def split(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """[..., P] -> tuple of [..., *shape] views, in parameter order (no copy)."""
+        return tuple(self.unflatten(flat).values())
+
+    def join(self, pieces: Sequence[torch.Tensor], lead: int) -> torch.Tensor:
+        """Per-parameter tensors [lead, *shape] (or [*shape] for lead = 0) -> flat [lead, P]
+        (or [P]): the inverse of split, one copy."""
+        if lead == 0:
+            return torch.cat([t.reshape(-1) for t in pieces])
+        return torch.cat([t.reshape(lead, -1) for t in pieces], dim=1)
+
+    def leaves(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """One autograd leaf per parameter tensor, viewing flat's storage.
+
+        Gradients are taken with respect to these, never with respect to a flat leaf sliced
+        into views: the backward of each slice writes a zero-filled tensor the size of the
+        whole flat buffer and adds it up, which for the paper's Omniglot network (18
+        parameter tensors, T = 32) made a quarter of a meta-step zero-filling memory."""
+        return tuple(t.detach().requires_grad_(True) for t in self.split(flat))
+
+    def forward_params(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Model output for one task's parameters (a tuple in parameter order) on x [N, ...]."""
+        params = dict(zip(self.names, params))
         if self.buffers:
             params = {**self.buffers, **params}
         if self.amp_dtype is None:
@@ -98,8 +118,16 @@ class FunctionalModel:
             out = functional_call(self.model, params, (x,))
         return out.to(self.dtype)
 
+    def loss_params(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.forward_params(params, x), y)
+
+    def forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model output for one task's flat parameters [P] on x [N, ...]."""
+        return self.forward_params(self.split(flat), x)
+
     def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.forward_one(flat, x), y)
+        return self.loss_params(self.split(flat), x, y)
 
     @staticmethod
     def spans(T: int, strategy) -> List[Tuple[int, int]]:
@@ -110,48 +138,63 @@ class FunctionalModel:
         c = 1 if strategy == "loop" else int(strategy)
         return [(i, min(i + c, T)) for i in range(0, T, c)]
 
-    def _apply(self, fn_name: str, flat: torch.Tensor, args: Sequence[torch.Tensor], loop: bool):
+    def _apply(self, fn_name: str, params: Tuple[torch.Tensor, ...], args: Sequence[torch.Tensor],
+               loop: bool):
+        """fn(params, *args) for a span of tasks: params are per-parameter [t, *shape]."""
         fn = getattr(self, fn_name)
         if loop:  # a plain functional call, no vmap
-            return fn(flat[0], *(a[0] for a in args)).unsqueeze(0)
-        return vmap(fn)(flat, *args)
+            return fn(tuple(p[0] for p in params), *(a[0] for a in args)).unsqueeze(0)
+        return vmap(fn)(params, *args)
 
-    def run_batched(self, fn_name: str, flat: torch.Tensor, args: Sequence[torch.Tensor],
-                    strategy) -> torch.Tensor:
-        """Apply forward_one / loss_one to every task of flat [T, P] with the given strategy:
-        "vmap" (all tasks in one vmap), "loop" (one call per task) or an int chunk size."""
+    def run_batched(self, fn_name: str, params: Tuple[torch.Tensor, ...],
+                    args: Sequence[torch.Tensor], strategy) -> torch.Tensor:
+        """Apply forward_params / loss_params to every task, params per-parameter [T, *shape],
+        with the given strategy: "vmap" (all tasks in one vmap), "loop" (one call per task) or
+        an int chunk size."""
         loop = strategy == "loop"
-        out = [self._apply(fn_name, flat[a:b], [t[a:b] for t in args], loop)
-               for a, b in self.spans(flat.shape[0], strategy)]
+        out = [self._apply(fn_name, tuple(p[a:b] for p in params), [t[a:b] for t in args], loop)
+               for a, b in self.spans(params[0].shape[0], strategy)]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def losses(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, strategy="vmap"):
         """Per-task losses [T] for flat [T, P], x [T, N, ...], y [T, N, ...]."""
-        return self.run_batched("loss_one", flat, (x, y), strategy)
+        return self.run_batched("loss_params", self.split(flat), (x, y), strategy)
 
     def outputs(self, flat: torch.Tensor, x: torch.Tensor, strategy="vmap"):
         """Per-task model outputs [T, N, ...]."""
-        return self.run_batched("forward_one", flat, (x,), strategy)
+        return self.run_batched("forward_params", self.split(flat), (x,), strategy)
 
     def grad_pieces(self, flat: torch.Tensor, x, y, strategy="vmap", create_graph=False):
         """Per-task gradients of the per-task losses, one piece per span of tasks.
 
-        Each span gets its own leaf: tasks are independent, so the gradient of the summed
-        loss with respect to a span's leaf is exactly the stack of that span's per-task
-        gradients. (One [T, P] leaf sliced per span would make every span's backward write a
-        full [T, P] gradient: O(T^2 P) work for a loop over tasks.)
-        Returns (grads, leaves, losses [T]) with grads and leaves as lists over spans."""
+        Each span gets its own leaves (one per parameter tensor, see `leaves`): tasks are
+        independent, so the gradient of the summed loss with respect to a span's leaves is
+        exactly the stack of that span's per-task gradients. (One [T, P] leaf sliced per span
+        would make every span's backward write a full [T, P] gradient: O(T^2 P) work for a
+        loop over tasks.)
+        Returns (grads, leaves, losses [T]): grads a list over spans of flat [t, P] (joined
+        inside the graph when create_graph), leaves a list over spans of per-parameter
+        tuples."""
         with torch.enable_grad():
             loop = strategy == "loop"
             leaves, losses = [], []
             for a, b in self.spans(flat.shape[0], strategy):
-                leaf = flat[a:b].detach().requires_grad_(True)
-                leaves.append(leaf)
-                losses.append(self._apply("loss_one", leaf, (x[a:b], y[a:b]), loop))
+                span = self.leaves(flat[a:b])
+                leaves.append(span)
+                losses.append(self._apply("loss_params", span, (x[a:b], y[a:b]), loop))
             losses = torch.cat(losses)
-            grads = torch.autograd.grad(losses.sum(), leaves, create_graph=create_graph,
-                                        allow_unused=True, materialize_grads=True)
-        return list(grads), leaves, losses.detach()
+            pieces = torch.autograd.grad(losses.sum(), [t for s in leaves for t in s],
+                                         create_graph=create_graph, allow_unused=True,
+                                         materialize_grads=True)
+            grads = self.join_spans(pieces, leaves)  # inside the graph when create_graph
+        return grads, leaves, losses.detach()
+
+    def join_spans(self, pieces: Sequence[torch.Tensor], leaves) -> List[torch.Tensor]:
+        """Per-(span, parameter) tensors, in the order of the flattened `leaves`, -> a list
+        over spans of flat [t, P]."""
+        n = len(self.names)
+        return [self.join(pieces[i * n:(i + 1) * n], span[0].shape[0])
+                for i, span in enumerate(leaves)]
 
     def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap"):
         """Per-task gradients [T, P] and losses [T] (no graph kept)."""

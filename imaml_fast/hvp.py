@@ -40,7 +40,8 @@ class BatchedHVP:
         if self.mode == "revrev":
             self._g, self._leaves, self.losses = fm.grad_pieces(phi, x, y, strategy,
                                                                 create_graph=True)
-            self._sizes = [leaf.shape[0] for leaf in self._leaves]
+            self._sizes = [span[0].shape[0] for span in self._leaves]
+            self._flat_leaves = [t for span in self._leaves for t in span]
             self.grad = torch.cat([g.detach() for g in self._g])
         elif self.mode == "fwdrev":
             if need_grad:
@@ -49,7 +50,9 @@ class BatchedHVP:
                 self.grad = None
                 with torch.no_grad():
                     self.losses = fm.losses(self.phi, x, y, strategy)
-            self._gradfn = func_grad(lambda p: fm.losses(p, x, y, strategy).sum())
+            # per-parameter primals, as for revrev (see FunctionalModel.leaves)
+            self._gradfn = func_grad(
+                lambda ps: fm.run_batched("loss_params", ps, (x, y), strategy).sum())
         else:
             raise ValueError(f"hvp={mode!r} is invalid: allowed values are 'auto', 'fwdrev', 'revrev'")
 
@@ -61,13 +64,16 @@ class BatchedHVP:
             if not self._g[0].requires_grad:
                 return torch.zeros_like(v)
             with torch.enable_grad():
-                hv = torch.autograd.grad(self._g, self._leaves, torch.split(v, self._sizes),
+                hv = torch.autograd.grad(self._g, self._flat_leaves, torch.split(v, self._sizes),
                                          retain_graph=True, allow_unused=True,
                                          materialize_grads=True)
+            hv = self.fm.join_spans(hv, self._leaves)
             return hv[0] if len(hv) == 1 else torch.cat(hv)
         with torch.enable_grad():
-            return jvp(self._gradfn, (self.phi,), (v.to(self.phi.dtype),))[1]
+            hv = jvp(self._gradfn, (self.fm.split(self.phi),),
+                     (self.fm.split(v.to(self.phi.dtype).contiguous()),))[1]
+            return self.fm.join(hv, v.shape[0])
 
     def release(self) -> None:
         """Drop the retained graph (revrev) as soon as the solve is done."""
-        self._g = self._leaves = None
+        self._g = self._leaves = self._flat_leaves = None

@@ -16,23 +16,28 @@ from ..cg import (CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_NONFINITE
 ARMIJO_C = 1e-4
 
 
-def _grad(loss_of, w):
+def _grad(fm, loss_of, w):
+    """Gradient [P] and loss of loss_of at the flat parameters w, taken per parameter tensor
+    as in the authors' code (autograd over the model's parameters, never a sliced flat
+    leaf: see FunctionalModel.leaves)."""
     with torch.enable_grad():
-        w = w.detach().requires_grad_(True)
-        loss = loss_of(w)
-        (g,) = torch.autograd.grad(loss, w, allow_unused=True, materialize_grads=True)
-    return g, loss.detach()
+        leaves = fm.leaves(w)
+        loss = loss_of(leaves)
+        g = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return fm.join(g, 0), loss.detach()
 
 
-def hvp_ref(loss_of, w, v):
+def hvp_ref(fm, loss_of, w, v):
     """H v by double backward, the graph rebuilt for this one product."""
     with torch.enable_grad():
-        w = w.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_of(w), w, create_graph=True)
-        if not g.requires_grad:
+        leaves = fm.leaves(w)
+        g = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True, allow_unused=True,
+                                materialize_grads=True)
+        if not any(t.requires_grad for t in g):
             return torch.zeros_like(v)
-        (hv,) = torch.autograd.grad(g, w, v, allow_unused=True, materialize_grads=True)
-    return hv
+        hv = torch.autograd.grad(g, leaves, fm.split(v), allow_unused=True,
+                                 materialize_grads=True)
+    return fm.join(hv, 0)
 
 
 def cg_ref(matvec, b, max_iter, tol):
@@ -77,27 +82,27 @@ def cg_ref(matvec, b, max_iter, tol):
     return x, iters, rs.sqrt(), status
 
 
-def _inner_gd(loss_of, theta, config):
+def _inner_gd(fm, loss_of, theta, config):
     phi = theta.clone()
     for _ in range(config.inner_steps):
-        g, _ = _grad(loss_of, phi)
+        g, _ = _grad(fm, loss_of, phi)
         phi = phi - config.inner_lr * (g + config.lam * (phi - theta))
     return phi
 
 
-def _inner_hf(loss_of, theta, config):
+def _inner_hf(fm, loss_of, theta, config):
     lam = config.lam
     phi = theta.clone()
 
     def objective(w):
         d = w - theta
-        return loss_of(w) + 0.5 * lam * torch.dot(d, d)
+        return loss_of(fm.split(w)) + 0.5 * lam * torch.dot(d, d)
 
     for _ in range(config.inner_steps):
-        g, loss = _grad(loss_of, phi)
+        g, loss = _grad(fm, loss_of, phi)
         G = g + lam * (phi - theta)
         F0 = loss + 0.5 * lam * torch.dot(phi - theta, phi - theta)
-        d, _, _, _ = cg_ref(lambda v: hvp_ref(loss_of, phi, v) + lam * v, G,
+        d, _, _, _ = cg_ref(lambda v: hvp_ref(fm, loss_of, phi, v) + lam * v, G,
                             config.hf_cg_steps, config.cg_tol)
         slope = torch.dot(G, d)
         if not slope > 0:
@@ -122,21 +127,21 @@ def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
     shift, scale = operator
     for i in range(T):
-        def support(w, i=i):
-            return fm.loss_one(w, xs[i], ys[i])
+        def support(params, i=i):
+            return fm.loss_params(params, xs[i], ys[i])
 
-        def query(w, i=i):
-            return fm.loss_one(w, xq[i], yq[i])
+        def query(params, i=i):
+            return fm.loss_params(params, xq[i], yq[i])
 
         solve = _inner_gd if config.inner_solver == "gd" else _inner_hf
-        phi = solve(support, theta, config)
-        gq, ql = _grad(query, phi)
+        phi = solve(fm, support, theta, config)
+        gq, ql = _grad(fm, query, phi)
         with torch.no_grad():
-            il = support(phi)
+            il = support(fm.split(phi))
         if config.cg_steps == 0:
             x, it, res, st = gq, 0, gq.norm(), CG_MAX_ITER
         else:
-            x, it, res, st = cg_ref(lambda v: shift * v + scale * hvp_ref(support, phi, v), gq,
+            x, it, res, st = cg_ref(lambda v: shift * v + scale * hvp_ref(fm, support, phi, v), gq,
                                     config.cg_steps, config.cg_tol)
         phis.append(phi)
         gs.append(x)
