@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from floor import model_floor  # noqa: E402
 from peers import DEFAULT, implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, bullet_list, Settings, median, meta_line, omniglot_episode,  # noqa: E402
                           pyplot, rel_diff, run_meta, time_round_robin, write_json, write_text)
@@ -127,6 +128,11 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4):
                              repeats, log=log)
     t_def = median(times[DEFAULT]) if DEFAULT in times else None
     t_ref = median(times[REFERENCE]) if REFERENCE in times else None
+    # The floor, measured in the same run: the model passes alone, and the FLOP bound.
+    floor = model_floor(model, ep, steps, s.cg_steps)
+    log(f"  floor: model compute alone {floor['compute_s']:.3f} s, FLOP bound "
+        f"{floor['flop_bound_s']:.3f} s ({floor['flops'] / 1e9:.1f} GFLOP at "
+        f"{floor['matmul_gflops']:.0f} GFLOP/s)")
     rows = []
     for n in impls:
         med = median(times[n])
@@ -135,6 +141,7 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4):
             "warmup_s": warm[n], "tasks_per_s": T / med,
             "time_vs_default": med / t_def if t_def else None,
             "speedup_vs_reference": t_ref / med if t_ref else None,
+            "time_vs_compute_floor": med / floor["compute_s"],
             "check": checks.get(n, {}),
             "info": results[n].info, "note": NOTES.get(n, ""),
         })
@@ -142,7 +149,7 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4):
         log(f"  {row['impl']:24s} {row['median_s']:7.3f} s/step {row['tasks_per_s']:6.1f} tasks/s"
             f"  {_f(row['time_vs_default'], '5.2f')}x default's time")
     return {"setting": name, "n_way": n_way, "tasks": T, "settings": s.to_dict(),
-            "rows": rows, "skipped": skipped}
+            "rows": rows, "skipped": skipped, "floor": floor}
 
 
 def speed_markdown(payload):
@@ -155,14 +162,28 @@ def speed_markdown(payload):
         out.append(f"\n**{res['setting']}** ({res['n_way']}-way 1-shot, "
                    f"{res['settings']['inner_steps']} inner steps)\n")
         out.append("| implementation | s / meta-step | tasks / s | time / default's time | "
-                   "speed-up over reference | meta-grad rel. diff vs reference, float64 | ran as |")
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+                   "speed-up over reference | time / compute floor | "
+                   "meta-grad rel. diff vs reference, float64 | ran as |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in res["rows"]:
             info = ", ".join(f"{k}={v}" for k, v in (r["info"] or {}).items()
                              if k != "cg_iters_mean")
             out.append(f"| {r['impl']} | {r['median_s']:.3f} | {r['tasks_per_s']:.1f} | "
                        f"{_f(r['time_vs_default'], '.2f')} | {_f(r['speedup_vs_reference'], '.2f')}x | "
+                       f"{_f(r.get('time_vs_compute_floor'), '.2f')}x | "
                        f"{_f(r['check'].get('float64_vs_reference'), '.1e')} | {info} |")
+        fl = res.get("floor")
+        if fl:
+            ref = next((r["median_s"] for r in res["rows"] if r["impl"] == REFERENCE), None)
+            out.append(
+                f"\nFloor, same run: the model passes alone (shared weights, all tasks' images in "
+                f"one batch, plain torch calls) take {fl['compute_s']:.3f} s "
+                f"({fl['compute_gflops']:.0f} GFLOP/s); their {fl['flops'] / 1e9:.1f} GFLOP of "
+                f"convolutions and matmuls at this machine's {fl['matmul_gflops']:.0f} GFLOP/s "
+                f"matrix-multiply rate take {fl['flop_bound_s']:.3f} s"
+                + (f". Against the reference, the compute floor allows at most "
+                   f"{ref / fl['compute_s']:.2f}x and the FLOP bound {ref / fl['flop_bound_s']:.2f}x."
+                   if ref else "."))
         out.append(bullet_list([f"{r['impl']}: {r['note']}" for r in res["rows"] if r["note"]]
                                + res["skipped"]))
     return "\n".join(out) + "\n"

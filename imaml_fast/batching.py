@@ -6,7 +6,8 @@ stride-2 Omniglot network (T = 32) vmap over chunks of 16 tasks beats one vmap o
 beats a loop by about 3x; for MAML's max-pooling conv4 on 84x84 images a plain loop wins and
 vmap is up to 2x slower (vmap turns the per-task convolutions into one grouped convolution,
 which the CPU runs badly for wide images). So "auto" measures the candidates on the first call
-for a given model structure, input shape, dtype and device, and caches the winner.
+for a given model structure, input shape, dtype and device (best of three gradients each),
+and caches the winner; vmap stays unless another candidate is at least 10% faster.
 
 Every strategy computes the same numbers up to floating-point summation order.
 """
@@ -24,6 +25,10 @@ _CACHE: Dict[Tuple, Strategy] = {}
 # Below this time for one batched gradient with vmap over all tasks, overheads are not worth
 # measuring: vmap is taken as it is.
 _TUNE_MIN_SECONDS = 0.01
+# Another strategy replaces vmap only when it is at least this much faster (best of three
+# timings each): on a shared machine near-ties otherwise flip from run to run, and with them
+# the memory footprint and the rounding of every figure.
+_TUNE_MARGIN = 0.9
 
 
 def _key(fm: FunctionalModel, x: torch.Tensor):
@@ -44,7 +49,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_grad(fm, theta, x, y, strategy, repeats=2):
+def _time_grad(fm, theta, x, y, strategy, repeats=3):
     phi = theta.expand(x.shape[0], -1)
     best = float("inf")
     for _ in range(repeats):
@@ -72,6 +77,8 @@ def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y) -> St
         for cand in candidates(T)[1:]:
             timings[cand] = _time_grad(fm, theta, x, y, cand)
     best = min(timings, key=timings.get)
+    if timings[best] > _TUNE_MARGIN * timings["vmap"]:
+        best = "vmap"
     _CACHE[key] = best
     return best
 
