@@ -28,6 +28,33 @@ def check_batchnorm(model: nn.Module) -> None:
             )
 
 
+COMPILED_PREFIX = "_orig_mod."
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module under torch.compile(model), or model itself.
+
+    torch.compile returns an OptimizedModule that holds the original module (same parameter
+    tensors, names prefixed with "_orig_mod."). The engine runs the original module: its
+    Hessian-vector products differentiate the gradient again, and torch.compile's graphs do
+    not support double backward. The user's own calls of the compiled module stay compiled,
+    and both see the same parameters, so a meta-step through either is the same step."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return unwrap_compiled(orig)
+    return model
+
+
+def strip_compiled_names(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """{"_orig_mod.x": t} (named_parameters of a compiled module) -> {"x": t}."""
+    out = {}
+    for n, t in params.items():
+        while n.startswith(COMPILED_PREFIX):
+            n = n[len(COMPILED_PREFIX):]
+        out[n] = t
+    return out
+
+
 class FunctionalModel:
     """Wraps `model` and `loss_fn` as functions of a flat parameter vector.
 
@@ -37,11 +64,13 @@ class FunctionalModel:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, params: Dict[str, torch.Tensor] = None,
                  amp: str = "none"):
+        model = unwrap_compiled(model)
         check_batchnorm(model)
         self.model = model
         self.loss_fn = loss_fn
         if params is None:
             params = dict(model.named_parameters())
+        params = strip_compiled_names(params)
         if not params:
             raise ValueError("the model has no parameters to meta-learn")
         self.names: List[str] = list(params)

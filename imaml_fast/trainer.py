@@ -45,6 +45,8 @@ class IMAML:
     """iMAML meta-learner around a model, a per-task loss and an outer optimizer.
 
     model: an nn.Module (BatchNorm with track_running_stats=False); its parameters are theta.
+        A torch.compile'd model works too: the engine runs the module under it (see
+        functional.unwrap_compiled), the user's own calls stay compiled.
     loss_fn(output, labels) -> scalar, applied per task.
     outer_optimizer: any torch.optim optimizer over model.parameters() (None: only
         meta_gradient/accumulate/adapt/predict are used).
@@ -75,7 +77,7 @@ class IMAML:
                                  "launch with torchrun / imaml-fast train --nproc N)")
 
     def _theta(self) -> torch.Tensor:
-        params = dict(self.model.named_parameters())
+        params = dict(self._fm.model.named_parameters())
         return self._fm.flatten_params(params)
 
     def meta_gradient(self, x_support, y_support, x_query, y_query) -> MetaGradient:
@@ -111,7 +113,7 @@ class IMAML:
     def accumulate(self, x_support, y_support, x_query, y_query) -> MetaStepStats:
         """Add the meta-gradient into each parameter's .grad, as loss.backward() would."""
         result = self._checked(x_support, y_support, x_query, y_query)
-        params = dict(self.model.named_parameters())
+        params = dict(self._fm.model.named_parameters())
         for name, g in result.grads.items():
             p = params[name]
             if p.grad is None:
@@ -126,7 +128,7 @@ class IMAML:
             raise ValueError("meta_step needs an outer optimizer: IMAML(model, loss_fn, config, "
                              "torch.optim.Adam(model.parameters(), lr=1e-3))")
         result = self._checked(x_support, y_support, x_query, y_query)
-        params = dict(self.model.named_parameters())
+        params = dict(self._fm.model.named_parameters())
         for name, g in result.grads.items():
             params[name].grad = g.detach().clone()
         self.outer_optimizer.step()

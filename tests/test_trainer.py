@@ -151,3 +151,32 @@ def test_inside_a_users_training_loop_with_scheduler_clipping_and_a_shared_loss(
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert sched.get_last_lr()[0] == 0.1 / 8
+
+
+def test_torch_compiled_model_meta_trains_like_the_eager_one():
+    # torch.compile wraps the module (parameter names gain "_orig_mod."); the engine runs
+    # the module under it, and the user's compiled calls see every meta-step.
+    torch._dynamo.reset()
+    eager = conv_bn()
+    # aot_eager: dynamo + AOTAutograd, torch.compile's own path short of code generation
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
+    ep = class_episode(4, 5, 5, (1, 6, 6), 3)
+    a = meta_gradient(eager, F.cross_entropy, *ep, CFG)
+    b = meta_gradient(compiled, F.cross_entropy, *ep, CFG)
+    assert list(b.grads) == list(a.grads)
+    assert torch.equal(b.grads_flat, a.grads_flat)
+    c = meta_gradient(compiled, F.cross_entropy, *ep, CFG, params=dict(compiled.named_parameters()))
+    assert torch.equal(c.grads_flat, a.grads_flat)
+
+    learners = [IMAML(m, F.cross_entropy, CFG, torch.optim.Adam(m.parameters(), lr=1e-2))
+                for m in (eager, compiled)]
+    theta0 = flat_params(eager)
+    for _ in range(2):
+        for learner in learners:
+            learner.meta_step(*ep)
+    assert torch.equal(flat_params(compiled), flat_params(eager))
+    assert (flat_params(eager) - theta0).abs().max() > 1e-3  # the steps moved the parameters
+    x = ep[0][0]
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), eager(x), rtol=0, atol=1e-12)
