@@ -23,28 +23,30 @@ def test_shards_cover_the_batch_once():
         assert max(sizes) - min(sizes) <= 1
 
 
-def _learner():
+def _learner(device="cpu"):
     torch.manual_seed(0)
-    model = sinusoid_mlp().double()
+    model = sinusoid_mlp().double().to(device)
     return model, IMAML(model, F.mse_loss, CFG, torch.optim.Adam(model.parameters(), lr=1e-2),
                         distributed=D.enabled())
 
 
-def _run(rank, world, path):
+def _run(rank, world, path, device="cpu"):
     sampler = SinusoidSampler(5, 5, T, dtype=torch.float64, seed=3)
-    model, learner = _learner()
+    if device != "cpu":
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    model, learner = _learner(device)
     mine = D.shard(T, rank, world)
     for _ in range(STEPS):
-        xs, ys, xq, yq = (t[mine] for t in sampler.sample())
+        xs, ys, xq, yq = (t[mine].to(device) for t in sampler.sample())
         learner.meta_step(xs, ys, xq, yq)
     if rank == 0:
-        torch.save(model.state_dict(), path)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
 
-def _worker(rank, world, port, path):
-    D.init_local(rank, world, port)
+def _worker(rank, world, port, path, device="cpu"):
+    D.init_local(rank, world, port, device)
     try:
-        _run(rank, world, path)
+        _run(rank, world, path, device)
         D.shutdown()
     except BaseException:
         torch.distributed.destroy_process_group()
@@ -60,6 +62,18 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
     assert any(not torch.equal(a[k], sinusoid_mlp().double().state_dict()[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA GPUs")
+def test_two_nccl_processes_equal_one_process(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run(0, 1, one, "cuda")
+    mp.start_processes(_worker, args=(2, D.free_port(), two, "cuda"), nprocs=2, join=True,
+                       start_method="spawn")
+    a, b = torch.load(one), torch.load(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
 
 
 def test_distributed_needs_a_process_group():
