@@ -96,12 +96,14 @@ def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_q
 
 def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
                        theta: Optional[torch.Tensor] = None,
-                       operator: Optional[Tuple[float, float]] = None) -> MetaGradient:
+                       operator: Optional[Tuple[float, float]] = None,
+                       validate_values: bool = True) -> MetaGradient:
     """meta_gradient() on a FunctionalModel, with theta as a flat [P] vector
-    (default fm.theta)."""
+    (default fm.theta). validate_values=False skips the checks that synchronise with the host
+    (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
     theta = fm.theta if theta is None else theta
     shift, scale = implicit_operator(config) if operator is None else _check_operator(operator)
-    validate_episode(fm, theta, xs, ys, xq, yq)
+    validate_episode(fm, theta, xs, ys, xq, yq, values=validate_values)
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
     if config.cg_dense == "always" and "dense_cg" not in backend.ops():
         raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "

@@ -53,11 +53,14 @@ class IMAML:
     distributed: each rank of the initialised torch.distributed group passes its own share
         of the meta-batch to meta_step/accumulate; the meta-gradient is the mean over all
         ranks' tasks (imaml_fast.distributed). Every rank must call with the same parameters.
+    cuda_graphs: capture the whole meta-gradient as a CUDA graph per input signature and
+        replay it (imaml_fast.graphs; CUDA models only). With check_finite=False a meta-step
+        then makes no host synchronisation at all.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, config: Optional[IMAMLConfig] = None,
                  outer_optimizer: Optional[torch.optim.Optimizer] = None,
-                 distributed: bool = False, process_group=None):
+                 distributed: bool = False, process_group=None, cuda_graphs: bool = False):
         self.model = model
         self.loss_fn = loss_fn
         self.config = IMAMLConfig() if config is None else config
@@ -68,6 +71,11 @@ class IMAML:
         self._fm = FunctionalModel(model, loss_fn, amp=self.config.amp)
         self.distributed = distributed
         self.process_group = process_group
+        self._graphed = None
+        if cuda_graphs:
+            from .graphs import CapturedMetaGradient
+
+            self._graphed = CapturedMetaGradient(self._fm, self.config)
         if distributed:
             from . import distributed as dist_mod
 
@@ -82,6 +90,8 @@ class IMAML:
 
     def meta_gradient(self, x_support, y_support, x_query, y_query) -> MetaGradient:
         """The meta-gradient at the model's current parameters; changes nothing."""
+        if self._graphed is not None:
+            return self._graphed(self._theta(), x_support, y_support, x_query, y_query)
         return meta_gradient_flat(self._fm, x_support, y_support, x_query, y_query,
                                   self.config, theta=self._theta())
 

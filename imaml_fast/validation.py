@@ -9,7 +9,10 @@ from .functional import FunctionalModel
 _NAMES = ("x_support", "y_support", "x_query", "y_query")
 
 
-def validate_episode(fm: FunctionalModel, theta, xs, ys, xq, yq) -> None:
+def validate_episode(fm: FunctionalModel, theta, xs, ys, xq, yq, values: bool = True) -> None:
+    """Structure (types, shapes, devices, dtypes) always; with values=True also finiteness
+    (one host sync) and one probe call of the loss. CUDA-graph replays check structure only:
+    their data was checked when the graph was captured, and a replay must not synchronise."""
     tensors = dict(zip(_NAMES, (xs, ys, xq, yq)))
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -52,6 +55,8 @@ def validate_episode(fm: FunctionalModel, theta, xs, ys, xq, yq) -> None:
                              f"convert with {yn}.to({fm.dtype})")
     if ys.dtype != yq.dtype:
         raise ValueError(f"y_support is {ys.dtype} but y_query is {yq.dtype}: use one label dtype")
+    if not values:
+        return
     # One host sync for all finiteness checks together.
     checks = [torch.isfinite(t).all() for t in (xs, xq) + tuple(
         y for y in (ys, yq) if y.is_floating_point())]
