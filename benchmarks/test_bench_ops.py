@@ -89,3 +89,42 @@ def test_meta_step_reduced(benchmark, omniglot):
     r = benchmark.pedantic(meta_gradient, args=(model, F.cross_entropy, *ep, cfg),
                            rounds=5, iterations=1, warmup_rounds=1)
     assert r.grads_flat.shape == (sum(p.numel() for p in model.parameters()),)
+
+
+def _ops(backend):
+    from imaml_fast.backends import resolve_backend
+
+    try:
+        return resolve_backend(backend, torch.device("cpu"), torch.float32).ops()
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("op", ["prox_update", "cg_update", "batched_dot", "dense_cg"])
+def test_op_per_backend(benchmark, backend, op):
+    """Each fused op of the batched engine, torch (the PyTorch reference ops) against cpp
+    (the C++ CPU twins of the CUDA kernels), on the shapes a meta-step gives it: [T, P] with
+    the Omniglot network's P for the vector ops, the sinusoid MLP (P = 1,761) for the
+    5-iteration dense CG. Compare within each group: the kernel backend should be no slower."""
+    from imaml_fast.cg import CG_MAX_ITER
+
+    benchmark.group = f"op {op}"
+    fn = _ops(backend)[op]
+    P = 113_221
+    if op == "prox_update":
+        phi, g, theta = torch.randn(T, P), torch.randn(T, P), torch.randn(P)
+        args = (phi, g, theta, 0.1, 2.0)
+    elif op == "batched_dot":
+        args = (torch.randn(T, P), torch.randn(T, P))
+    elif op == "cg_update":
+        x, r, p, Ap = (torch.randn(T, P) for _ in range(4))
+        rs = (r * r).sum(1)
+        args = (x, r, p, Ap.abs() * p.sign() + p, rs,
+                torch.full((T,), CG_MAX_ITER, dtype=torch.int8), torch.zeros(T, dtype=torch.long),
+                1e-20 * rs)
+    else:
+        Pd = 1761
+        A = torch.randn(T, Pd, Pd) / Pd ** 0.5
+        args = (A @ A.transpose(1, 2), torch.randn(T, Pd), 1.0, 0.5, 5, 0.0)
+    benchmark(fn, *args)
