@@ -7,8 +7,12 @@ stride-2 Omniglot network, 5-way 1-shot with T = 32, one vmap over all tasks mak
 level); for MAML's max-pooling conv4 on 84x84 images a plain loop wins and vmap is up to 2x
 slower (vmap turns the per-task convolutions into one grouped convolution,
 which the CPU runs badly for wide images). So "auto" measures the candidates on the first call
-for a given model structure, input shape, dtype and device (best of three gradients each),
-and caches the winner; vmap stays unless another candidate is at least 10% faster.
+for a given model structure, input shape, dtype and device, and caches the winner; vmap stays
+unless another candidate is at least 10% faster. What is timed is what a meta-step repeats:
+a batched gradient and, when the caller says the solve will need them, one Hessian-vector
+product through a kept graph (best of three each), weighted by how many of each a meta-step
+makes (inner steps, CG steps). Timing gradients alone picked chunks of 16 tasks for the
+Omniglot network, 10% slower end to end than one vmap whose products are cheaper.
 
 Every strategy computes the same numbers up to floating-point summation order.
 """
@@ -50,38 +54,69 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_grad(fm, theta, x, y, strategy, repeats=3):
-    phi = theta.expand(x.shape[0], -1)
+def _best_of(fn, device, repeats):
     best = float("inf")
     for _ in range(repeats):
-        _sync(x.device)
+        _sync(device)
         t0 = time.perf_counter()
-        fm.grad_and_losses(phi, x, y, strategy)
-        _sync(x.device)
+        fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y) -> Strategy:
-    """The strategy to use: `requested` unless it is "auto"."""
+def _time_grad(fm, theta, x, y, strategy, repeats=3, weights=(1.0, 0.0)):
+    """weights[0] x (one batched gradient) + weights[1] x (one batched HVP through a kept
+    graph), each the best of `repeats`."""
+    from .hvp import BatchedHVP
+
+    phi = theta.expand(x.shape[0], -1)
+    t = weights[0] * _best_of(lambda: fm.grad_and_losses(phi, x, y, strategy), x.device, repeats)
+    if weights[1]:
+        hvp = BatchedHVP(fm, phi, x, y, "revrev", strategy)
+        v = torch.ones_like(phi)
+        t += weights[1] * _best_of(lambda: hvp(v), x.device, repeats)
+        hvp.release()
+    return t
+
+
+def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y,
+                    inner_steps: int = 1, hvps: int = 0) -> Strategy:
+    """The strategy to use: `requested` unless it is "auto". inner_steps and hvps weigh a
+    batched gradient against a Hessian-vector product as the caller's meta-step will use
+    them (default: gradients only)."""
     if requested != "auto":
         return requested
     T = x.shape[0]
     if T == 1:
         return "loop"
-    key = _key(fm, x)
+    weights = (float(max(inner_steps, 1)), float(hvps))
+    key = _key(fm, x) + (weights,)
     if key in _CACHE:
         return _CACHE[key]
     _time_grad(fm, theta, x, y, "vmap", repeats=1)  # warm-up
-    timings = {"vmap": _time_grad(fm, theta, x, y, "vmap")}
-    if timings["vmap"] >= _TUNE_MIN_SECONDS:
+    timings = {"vmap": _time_grad(fm, theta, x, y, "vmap", weights=weights)}
+    if timings["vmap"] / weights[0] >= _TUNE_MIN_SECONDS:
         for cand in candidates(T)[1:]:
-            timings[cand] = _time_grad(fm, theta, x, y, cand)
+            timings[cand] = _time_grad(fm, theta, x, y, cand, weights=weights)
     best = min(timings, key=timings.get)
     if timings[best] > _TUNE_MARGIN * timings["vmap"]:
         best = "vmap"
     _CACHE[key] = best
     return best
+
+
+def step_counts(config, inner_only: bool = False) -> dict:
+    """{"inner_steps": batched gradients, "hvps": batched HVPs} one meta-step (or, with
+    inner_only, one inner solve) of `config` makes: choose_strategy's weights."""
+    if config.inner_solver == "hf":
+        grads, hvps = config.inner_steps, config.inner_steps * config.hf_cg_steps
+    else:
+        grads, hvps = config.inner_steps, 0
+    if not inner_only:
+        grads += 2  # the query gradient and the support gradient kept for the products
+        hvps += config.cg_steps
+    return {"inner_steps": grads, "hvps": hvps}
 
 
 def clear_cache() -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backends import resolve_backend
-from .batching import choose_strategy
+from .batching import choose_strategy, step_counts
 from .cg import CG_MAX_ITER, batched_dot, cg_solve
 from .dense import dense_fits, support_hessians
 from .config import IMAMLConfig
@@ -113,7 +113,7 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
     ops = backend.ops()
-    strategy = choose_strategy(config.task_batching, fm, theta, xs, ys)
+    strategy = choose_strategy(config.task_batching, fm, theta, xs, ys, **step_counts(config))
     hvp_mode = resolve_hvp_mode(config.hvp)
     inner = solve_inner(fm, theta, xs, ys, config, strategy, ops)
     with torch.no_grad():

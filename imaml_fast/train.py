@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_mod
-from .batching import choose_strategy
+from .batching import choose_strategy, step_counts
 from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
                          write_json_atomic)
 from .config import IMAMLConfig
@@ -199,7 +199,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         # the checkpoint: it decides the floating-point summation order of every step.
         probe = build_sampler(s, "train", s.tasks, seed=s.seed + 1).sample()
         fm = FunctionalModel(model, loss_fn)
-        s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support, probe.y_support)
+        s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support, probe.y_support,
+                                          **step_counts(s.imaml_config()))
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1)
     metrics_path = out / "metrics.jsonl"
     if main_rank:

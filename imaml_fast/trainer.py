@@ -147,7 +147,7 @@ class IMAML:
     def adapt(self, x_support, y_support) -> Dict[str, torch.Tensor]:
         """Inner solutions phi_i for T tasks, as {name: [T, ...]} (nothing is stepped)."""
         from .backends import resolve_backend
-        from .batching import choose_strategy
+        from .batching import choose_strategy, step_counts
         from .inner import solve_inner
         from .validation import validate_episode
 
@@ -155,7 +155,8 @@ class IMAML:
         validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         c = self.config
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
-        strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support)
+        strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
+                                   **step_counts(c, inner_only=True))
         res = solve_inner(self._fm, theta, x_support, y_support, c, strategy,
                           backend.ops() if backend.batched else None)
         return self._fm.unflatten(res.phi)

@@ -559,3 +559,34 @@ def test_cuda_cg_update_is_deterministic_and_graph_capturable():
     g.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(u, v) for u, v in zip(work[:3] + work[4:7], a[:3] + a[3:6]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_twins_give_the_same_bits_on_any_number_of_threads(monkeypatch, dtype):
+    # Sizes above the twins' threading threshold (T * P >= 65,536; P^2 for the dense CG), and
+    # T not a multiple of the thread count. The twins follow torch.get_num_threads().
+    module, _ = _ext.load()
+    ops = cpp_backend.load_ops()
+    T, P, Pd = 7, 10007, 101
+    phi, g = torch.randn(T, P, dtype=dtype), torch.randn(T, P, dtype=dtype)
+    theta = torch.randn(P, dtype=dtype)
+    state = cg_state(T, P, dtype, "cpu", steps=2)
+    H, bd = spd_matrices(T, Pd, dtype, "cpu"), torch.randn(T, Pd, dtype=dtype)
+    runs = {}
+    try:
+        for n in (1, 2, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+            runs[n] = (ops["prox_update"](phi, g, theta, 0.1, 2.0),
+                       ops["batched_dot"](phi, g),
+                       *ops["cg_update"](*clone_all(state)),
+                       *ops["dense_cg"](H, bd, 1.0, 0.5, 30, 0.0))
+            assert module.cpu_threads() == n
+    finally:
+        module.set_cpu_threads(1)
+    for n in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(runs[n], runs[1]))
+    # and the single-thread results are the references' (as the tests above check in general)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel(runs[1][0], prox_update_ref(phi, g, theta, 0.1, 2.0)) <= tol
+    want = cg_update_fused_ref(*clone_all(state))  # (x, r, p, rs, status, iters)
+    assert rel(runs[1][2], want[0]) <= tol and torch.equal(runs[1][6], want[4])

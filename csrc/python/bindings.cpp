@@ -61,6 +61,10 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "What this build contains: cuda (bool), cuda_archs, no_cuda_reason, compiler versions.");
 
+  m.def("set_cpu_threads", &imaml_fast_set_cpu_threads, py::arg("n"),
+        "Threads the CPU twins spread their tasks over (process-wide; < 1 means 1).");
+  m.def("cpu_threads", &imaml_fast_cpu_threads, "The CPU twins' thread count.");
+
   // ---- prox_update
   m.def("prox_update_cpu",
         [](int dtype, std::uintptr_t phi, std::uintptr_t g, std::uintptr_t theta, bool per_task,

@@ -1,5 +1,6 @@
 // Build information, error strings and the workspace-size queries (pure host code: the
 // Python wrappers ask for workspace sizes before allocating device memory with torch).
+#include <atomic>
 #include <cstring>
 
 #include "common.h"
@@ -38,6 +39,13 @@ int imaml_fast_has_cuda(void) {
   return 0;
 #endif
 }
+
+namespace {
+std::atomic<int> g_cpu_threads{1};
+}
+
+void imaml_fast_set_cpu_threads(int n) { g_cpu_threads.store(n < 1 ? 1 : n); }
+int imaml_fast_cpu_threads(void) { return g_cpu_threads.load(); }
 
 const char* imaml_fast_cuda_archs(void) { return IMAML_FAST_CUDA_ARCHS; }
 const char* imaml_fast_no_cuda_reason(void) { return IMAML_FAST_NO_CUDA_REASON; }

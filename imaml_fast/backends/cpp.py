@@ -55,24 +55,37 @@ def load_ops() -> Dict[str, object]:
             "dense_cg": dense_cg}
 
 
+def _threads() -> None:
+    """The twins spread tasks over as many threads as torch uses (torch.set_num_threads);
+    results do not depend on it (each task runs on one thread, csrc/src/cpu/cpu_common.h)."""
+    m = _module()
+    n = torch.get_num_threads()
+    if hasattr(m, "set_cpu_threads") and m.cpu_threads() != n:
+        m.set_cpu_threads(n)
+
+
 def prox_update(phi, g, theta, lr, lam):
     """phi - lr * (g + lam * (phi - theta)) on the CPU twin; theta [P] or [T, P]."""
+    _threads()
     return _prox_update("cpu", phi, g, theta, lr, lam)
 
 
 def batched_dot(a, b):
     """Per-task dot products [T] of [T, P] tensors on the CPU twin."""
+    _threads()
     return _batched_dot("cpu", a, b)
 
 
 def cg_update(x, r, p, Ap, rs, status, iters, thresh):
     """One masked CG iteration on the CPU twin, in place; returns (x, r, p, rs, status, iters)."""
+    _threads()
     return _cg_update("cpu", x, r, p, Ap, rs, status, iters, thresh)
 
 
 def dense_cg(H, b, shift, scale, max_iter, tol):
     """Solve (shift I + scale H_t) x_t = b_t for every task on the CPU twin.
     Returns (x, iters, residual, status)."""
+    _threads()
     return _dense_cg("cpu", H, b, shift, scale, max_iter, tol)
 
 

@@ -57,6 +57,14 @@ const char* imaml_fast_cxx_compiler(void);   /* e.g. "GNU 12.2.0" */
 const char* imaml_fast_cuda_compiler(void);  /* e.g. "NVIDIA 13.0.88", "" without CUDA */
 const char* imaml_fast_strerror(int code);
 
+/* ---- CPU twins: threads ---------------------------------------------------------------------
+ * The *_cpu functions split their tasks over this many threads (default 1; values < 1 mean 1).
+ * Each task is computed by one thread with the same operations in the same order, so results
+ * are bit-identical for every thread count. Small calls (T * P below 65,536) stay on the
+ * calling thread. Process-wide; set it before calling, not while calls are running. */
+void imaml_fast_set_cpu_threads(int n);
+int imaml_fast_cpu_threads(void);
+
 /* ---- prox_update: out = phi - lr * (g + lam * (phi - theta)) -------------------------------
  * phi, g, out: [T, P]; theta: [P] when theta_per_task == 0, else [T, P]. out may alias phi.
  * CPU: float32/float64. CUDA: float32/float64/float16/bfloat16 (computed in float). */

@@ -17,8 +17,8 @@ void cg_update_impl(T* x, T* r, T* p, const T* Ap, T* rs, int8_t* status, int64_
                     const T* thresh, int64_t nT, int64_t P) {
   const T norm_limit = std::sqrt(std::numeric_limits<T>::max()) / T(4);
   const T elem_limit = std::numeric_limits<T>::max() / T(2);
-  for (int64_t t = 0; t < nT; ++t) {
-    if (status[t] != 0) continue;  // finished tasks are not touched at all
+  for_tasks(nT, P, [&](int64_t t) {
+    if (status[t] != 0) return;  // finished tasks are not touched at all
     T* xt = x + t * P;
     T* rt = r + t * P;
     T* pt = p + t * P;
@@ -76,7 +76,7 @@ void cg_update_impl(T* x, T* r, T* p, const T* Ap, T* rs, int8_t* status, int64_
         pt[i] = rn + b * pi;
       }
     }
-  }
+  });
 }
 
 }  // namespace

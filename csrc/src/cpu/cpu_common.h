@@ -1,10 +1,16 @@
 // Helpers for the CPU twins: plain loops, no intrinsics, no OpenMP. Sums use 8 independent
 // lanes (then a fixed pairwise combination): deterministic, about sqrt(8) times more accurate
 // than one running sum, and a shape the compiler can vectorise without -ffast-math.
+// Tasks are independent: for_tasks spreads them over imaml_fast_cpu_threads() std::threads
+// (every task on one thread, so the numbers do not depend on the thread count).
 #ifndef IMAML_FAST_CPU_COMMON_H
 #define IMAML_FAST_CPU_COMMON_H
 
 #include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "imaml_fast/imaml_fast.h"
 
 namespace imaml_fast {
 namespace cpu {
@@ -23,6 +29,29 @@ inline void lane_loop(int64_t n, F&& f) {
   for (; i + 8 <= n; i += 8)
     for (int k = 0; k < 8; ++k) f(i + k, k);
   for (int k = 0; i < n; ++i, ++k) f(i, k);
+}
+
+// Below this many elements (T * P) a call stays on the calling thread: starting threads
+// (tens of microseconds) would cost more than the work.
+constexpr int64_t kMinParallelElements = 1 << 16;
+
+// Calls f(t) for every task t in [0, nT), task t on worker t % n.
+template <typename F>
+inline void for_tasks(int64_t nT, int64_t P, F&& f) {
+  int64_t n = imaml_fast_cpu_threads();
+  if (n > nT) n = nT;
+  if (n <= 1 || nT * P < kMinParallelElements) {
+    for (int64_t t = 0; t < nT; ++t) f(t);
+    return;
+  }
+  auto worker = [&](int64_t w) {
+    for (int64_t t = w; t < nT; t += n) f(t);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(n - 1));
+  for (int64_t w = 1; w < n; ++w) pool.emplace_back(worker, w);
+  worker(0);
+  for (auto& th : pool) th.join();
 }
 
 template <typename T>

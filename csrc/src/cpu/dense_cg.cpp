@@ -24,8 +24,9 @@ template <typename T>
 void dense_cg_impl(const T* H, const T* b, T* x, int64_t* iters_out, T* residual,
                    int8_t* status_out, int64_t nT, int64_t P, T shift, T scale,
                    int64_t max_iter, T tol2) {
-  std::vector<T> rbuf(P), pbuf(P), qbuf(P);
-  for (int64_t t = 0; t < nT; ++t) {
+  // Each task's work is P^2 per iteration: that is the size for_tasks weighs.
+  for_tasks(nT, P * P, [&](int64_t t) {
+    std::vector<T> rbuf(P), pbuf(P), qbuf(P);  // per task: tasks may run on other threads
     const T* Ht = H + t * P * P;
     const T* bt = b + t * P;
     T* xt = x + t * P;
@@ -80,7 +81,7 @@ void dense_cg_impl(const T* H, const T* b, T* x, int64_t* iters_out, T* residual
     iters_out[t] = iters;
     residual[t] = std::sqrt(rs);
     status_out[t] = status;
-  }
+  });
 }
 
 }  // namespace

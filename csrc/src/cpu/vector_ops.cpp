@@ -10,7 +10,7 @@ namespace {
 template <typename T>
 void prox_update_impl(const T* phi, const T* g, const T* theta, bool per_task, T* out, int64_t nT,
                       int64_t P, T lr, T lam) {
-  for (int64_t t = 0; t < nT; ++t) {
+  for_tasks(nT, P, [&](int64_t t) {
     const int64_t row = t * P;
     const T* th = per_task ? theta + row : theta;
     for (int64_t i = 0; i < P; ++i) {
@@ -20,18 +20,18 @@ void prox_update_impl(const T* phi, const T* g, const T* theta, bool per_task, T
       const T u = g[row + i] + lam * d;
       out[row + i] = ph - lr * u;
     }
-  }
+  });
 }
 
 template <typename T>
 void batched_dot_impl(const T* a, const T* b, T* out, int64_t nT, int64_t P) {
-  for (int64_t t = 0; t < nT; ++t) {
+  for_tasks(nT, P, [&](int64_t t) {
     const T* at = a + t * P;
     const T* bt = b + t * P;
     Lanes<T> s;
     lane_loop(P, [&](int64_t i, int k) { s.v[k] += at[i] * bt[i]; });
     out[t] = s.sum();
-  }
+  });
 }
 
 }  // namespace
