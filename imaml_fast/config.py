@@ -45,6 +45,9 @@ class IMAMLConfig:
         "hf" (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving
         (H + lam I) d = grad with `hf_cg_steps` CG iterations, then a backtracking line search of
         at most `hf_ls_steps` halvings).
+    inner_lr: the GD step size. The default 0.03 is the Omniglot presets' value: with 0.1 the
+        inner loop of the paper's Omniglot network stops converging as meta-training sharpens
+        it (imaml_fast/presets.py has the measurements).
     lam: strength of the proximal term lam/2 ||phi - theta||^2 (the paper's lambda).
     cg_steps: maximum CG iterations of the implicit solve (I + H/lam) g = grad L_query.
         0 means the first-order approximation g = grad L_query (the Hessian term dropped).
@@ -69,7 +72,7 @@ class IMAMLConfig:
 
     inner_solver: str = "gd"
     inner_steps: int = 16
-    inner_lr: float = 0.1
+    inner_lr: float = 0.03
     lam: float = 2.0
     cg_steps: int = 5
     cg_tol: float = 1e-10

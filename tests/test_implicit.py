@@ -19,7 +19,7 @@ def test_matches_exact_implicit_gradient(case, solver, hvp):
     xs, ys, xq, yq = class_episode(3, 6, 4, shape, n_way)
     P = sum(p.numel() for p in model.parameters())
     cfg = IMAMLConfig(inner_solver=solver, inner_steps=5 if solver == "gd" else 2, lam=2.0,
-                      cg_steps=P, cg_tol=1e-13, hvp=hvp, cg_damping=0.3)
+                      inner_lr=0.1, cg_steps=P, cg_tol=1e-13, hvp=hvp, cg_damping=0.3)
     r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
     exact = exact_implicit(model, F.cross_entropy, r.adapted_flat, xs, ys, xq, yq, 2.0, 0.3)
     assert (r.cg_status == CG_CONVERGED).all()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from _helpers import DT, class_episode, conv_bn, flat_params, mlp
 from imaml_fast import IMAML, IMAMLConfig, meta_gradient
 
-CFG = IMAMLConfig(inner_steps=3, cg_steps=4)
+CFG = IMAMLConfig(inner_steps=3, cg_steps=4, inner_lr=0.1)
 
 
 def test_meta_step_is_an_optimizer_step_with_the_meta_gradient():
