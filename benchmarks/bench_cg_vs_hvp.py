@@ -14,14 +14,12 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
-from imaml_fast import FunctionalModel, backend_info, cg_solve
+from imaml_fast import backend_info, cg_solve
 from imaml_fast.backends import resolve_backend
 from imaml_fast.hvp import BatchedHVP
-from imaml_fast.models import omniglot_conv
 
-from bench_meta_step import time_it  # the same warm-up + synchronised median timing
+from bench_meta_step import support_problem, time_it  # the same setting and median timing
 
 
 def median_time(fn, device, repeats):
@@ -38,13 +36,8 @@ def main(argv=None):
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = omniglot_conv(5).to(device)
-    fm = FunctionalModel(model, F.cross_entropy)
     T = args.tasks
-    xs = torch.randn(T, 5, 1, 28, 28, device=device)
-    ys = torch.arange(5, device=device).repeat(T, 1)
-    phi = fm.theta + 0.01 * torch.randn(T, fm.num_params, device=device)
+    fm, xs, ys, phi = support_problem(T, device)
     b = torch.randn(T, fm.num_params, device=device)
     tb = args.task_batching if args.task_batching in ("vmap", "loop") else int(args.task_batching)
     rows = []

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import imaml_fast
-from imaml_fast import IMAMLConfig, meta_gradient
+from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
 
 
@@ -32,6 +32,17 @@ def episode(T, n_way, shots, queries, device):
     ys = torch.arange(n_way).repeat_interleave(shots).expand(T, -1).contiguous().to(device)
     yq = torch.arange(n_way).repeat_interleave(queries).expand(T, -1).contiguous().to(device)
     return xs, ys, xq, yq
+
+
+def support_problem(T, device):
+    """The HVP benchmarks' setting: the authors' Omniglot network (5-way), the support sets of
+    T random 5-way 1-shot tasks, and per-task parameters phi [T, P] near theta, as after an
+    inner loop. Returns (fm, x_support, y_support, phi)."""
+    torch.manual_seed(0)
+    fm = FunctionalModel(omniglot_conv(5).to(device), F.cross_entropy)
+    xs, ys, _, _ = episode(T, 5, 1, 1, device)
+    phi = fm.theta + 0.01 * torch.randn(T, fm.num_params, device=device)
+    return fm, xs, ys, phi
 
 
 def sync(device):
@@ -93,7 +104,6 @@ def main(argv=None):
     for name, cfg in variants:
         holder = {}
         if name.endswith("CUDA graphs"):
-            from imaml_fast.functional import FunctionalModel
             from imaml_fast.graphs import CapturedMetaGradient
 
             fm = FunctionalModel(model, F.cross_entropy)

@@ -17,12 +17,12 @@ import json
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from imaml_fast import BatchedHVP, FunctionalModel
-from imaml_fast.batching import choose_strategy
-from imaml_fast.models import omniglot_conv
+from imaml_fast import BatchedHVP, IMAMLConfig
+from imaml_fast.batching import choose_strategy, step_counts
+
+from bench_meta_step import support_problem  # the same setting as the other HVP benchmarks
 
 KINDS = [  # (kind, substrings of the aten op name), first match wins
     ("convolution", ("conv", "cudnn")),
@@ -53,14 +53,10 @@ def main(argv=None):
     ap.add_argument("--json", help="write the per-op and per-kind figures here")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    torch.manual_seed(0)
-    model = omniglot_conv(5).to(dev)
-    fm = FunctionalModel(model, F.cross_entropy)
     T = args.tasks
-    xs = torch.randn(T, 5, 1, 28, 28, device=dev)
-    ys = torch.arange(5, device=dev).repeat(T, 1)
-    strategy = choose_strategy("auto", fm, fm.theta, xs, ys, inner_steps=18, hvps=5)
-    phi = fm.theta.expand(T, -1) + 0.01 * torch.randn(T, fm.num_params, device=dev)
+    fm, xs, ys, phi = support_problem(T, dev)
+    # the task batching the default configuration's meta-step would use
+    strategy = choose_strategy("auto", fm, fm.theta, xs, ys, **step_counts(IMAMLConfig()))
     hvp = BatchedHVP(fm, phi, xs, ys, "revrev", strategy)
     v = torch.randn(T, fm.num_params, device=dev)
     hvp(v)  # warm-up

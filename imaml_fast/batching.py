@@ -65,7 +65,7 @@ def _best_of(fn, device, repeats):
     return best
 
 
-def _time_grad(fm, theta, x, y, strategy, repeats=3, weights=(1.0, 0.0)):
+def _time_strategy(fm, theta, x, y, strategy, repeats=3, weights=(1.0, 0.0)):
     """weights[0] x (one batched gradient) + weights[1] x (one batched HVP through a kept
     graph), each the best of `repeats`."""
     from .hvp import BatchedHVP
@@ -94,11 +94,11 @@ def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y,
     key = _key(fm, x) + (weights,)
     if key in _CACHE:
         return _CACHE[key]
-    _time_grad(fm, theta, x, y, "vmap", repeats=1)  # warm-up
-    timings = {"vmap": _time_grad(fm, theta, x, y, "vmap", weights=weights)}
+    _time_strategy(fm, theta, x, y, "vmap", repeats=1)  # warm-up
+    timings = {"vmap": _time_strategy(fm, theta, x, y, "vmap", weights=weights)}
     if timings["vmap"] / weights[0] >= _TUNE_MIN_SECONDS:
         for cand in candidates(T)[1:]:
-            timings[cand] = _time_grad(fm, theta, x, y, cand, weights=weights)
+            timings[cand] = _time_strategy(fm, theta, x, y, cand, weights=weights)
     best = min(timings, key=timings.get)
     if timings[best] > _TUNE_MARGIN * timings["vmap"]:
         best = "vmap"

@@ -54,7 +54,7 @@ def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vma
                 cols = torch.autograd.grad(g, span, basis, retain_graph=True,
                                            is_grads_batched=True, allow_unused=True,
                                            materialize_grads=True)
-                cols = torch.cat([c.reshape(j1 - j0, n, -1) for c in cols], dim=2)
+                cols = fm.join(cols, (j1 - j0, n))
                 H[start:start + n, :, j0:j1] = cols.permute(1, 2, 0)
             start += n
     return H

@@ -117,12 +117,10 @@ class FunctionalModel:
         """[..., P] -> tuple of [..., *shape] views, in parameter order (no copy)."""
         return tuple(self.unflatten(flat).values())
 
-    def join(self, pieces: Sequence[torch.Tensor], lead: int) -> torch.Tensor:
-        """Per-parameter tensors [lead, *shape] (or [*shape] for lead = 0) -> flat [lead, P]
-        (or [P]): the inverse of split, one copy."""
-        if lead == 0:
-            return torch.cat([t.reshape(-1) for t in pieces])
-        return torch.cat([t.reshape(lead, -1) for t in pieces], dim=1)
+    def join(self, pieces: Sequence[torch.Tensor], lead: Tuple[int, ...] = ()) -> torch.Tensor:
+        """Per-parameter tensors [*lead, *shape] -> flat [*lead, P]: the inverse of split,
+        one copy. lead: the leading dimensions, () for one task's [P]."""
+        return torch.cat([t.reshape(*lead, -1) for t in pieces], dim=-1)
 
     def leaves(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """One autograd leaf per parameter tensor, viewing flat's storage.
@@ -150,10 +148,6 @@ class FunctionalModel:
     def loss_params(self, params: Sequence[torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward_params(params, x), y)
-
-    def forward_one(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Model output for one task's flat parameters [P] on x [N, ...]."""
-        return self.forward_params(self.split(flat), x)
 
     def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_params(self.split(flat), x, y)
@@ -222,7 +216,7 @@ class FunctionalModel:
         """Per-(span, parameter) tensors, in the order of the flattened `leaves`, -> a list
         over spans of flat [t, P]."""
         n = len(self.names)
-        return [self.join(pieces[i * n:(i + 1) * n], span[0].shape[0])
+        return [self.join(pieces[i * n:(i + 1) * n], (span[0].shape[0],))
                 for i, span in enumerate(leaves)]
 
     def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap"):

@@ -72,7 +72,7 @@ class BatchedHVP:
         with torch.enable_grad():
             hv = jvp(self._gradfn, (self.fm.split(self.phi),),
                      (self.fm.split(v.to(self.phi.dtype).contiguous()),))[1]
-            return self.fm.join(hv, v.shape[0])
+            return self.fm.join(hv, (v.shape[0],))
 
     def release(self) -> None:
         """Drop the retained graph (revrev) as soon as the solve is done."""

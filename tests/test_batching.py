@@ -10,13 +10,13 @@ def test_auto_measures_candidates_once_and_caches(monkeypatch):
     batching.clear_cache()
     monkeypatch.setattr(batching, "_TUNE_MIN_SECONDS", 0.0)  # force the measurement path
     timed = []
-    real = batching._time_grad
+    real = batching._time_strategy
 
     def spy(fm, theta, x, y, strategy, repeats=3, weights=(1.0, 0.0)):
         timed.append(strategy)
         return real(fm, theta, x, y, strategy, repeats, weights)
 
-    monkeypatch.setattr(batching, "_time_grad", spy)
+    monkeypatch.setattr(batching, "_time_strategy", spy)
     fm = FunctionalModel(conv_bn(), F.cross_entropy)
     xs, ys, _, _ = class_episode(9, 3, 1, (1, 6, 6), 3)
     choice = batching.choose_strategy("auto", fm, fm.theta, xs, ys)
@@ -46,7 +46,7 @@ def test_auto_keeps_vmap_unless_another_strategy_is_clearly_faster(monkeypatch):
     for loop_time, expected in ((0.95, "vmap"), (0.85, "loop")):
         batching.clear_cache()
         times = {"vmap": 1.0, "loop": loop_time, 4: 1.2, 8: 1.1}
-        monkeypatch.setattr(batching, "_time_grad",
+        monkeypatch.setattr(batching, "_time_strategy",
                             lambda fm, theta, x, y, s, repeats=3, weights=(1.0, 0.0): times[s])
         assert batching.choose_strategy("auto", fm, fm.theta, xs, ys) == expected
     batching.clear_cache()
@@ -63,8 +63,8 @@ def test_tuning_weighs_gradients_and_products_as_a_meta_step_makes_them(monkeypa
         return 1.0
 
     monkeypatch.setattr(batching, "_best_of", fake_best_of)
-    assert batching._time_grad(fm, fm.theta, xs, ys, "vmap", weights=(18.0, 5.0)) == 23.0
-    assert batching._time_grad(fm, fm.theta, xs, ys, 2, weights=(16.0, 0.0)) == 16.0
+    assert batching._time_strategy(fm, fm.theta, xs, ys, "vmap", weights=(18.0, 5.0)) == 23.0
+    assert batching._time_strategy(fm, fm.theta, xs, ys, 2, weights=(16.0, 0.0)) == 16.0
     assert len(calls) == 3  # gradient + product, then the gradient alone
     gd = IMAMLConfig(inner_steps=16, cg_steps=5)
     assert batching.step_counts(gd) == {"inner_steps": 18, "hvps": 5}

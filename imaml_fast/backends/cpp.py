@@ -60,7 +60,7 @@ def _threads() -> None:
     results do not depend on it (each task runs on one thread, csrc/src/cpu/cpu_common.h)."""
     m = _module()
     n = torch.get_num_threads()
-    if hasattr(m, "set_cpu_threads") and m.cpu_threads() != n:
+    if m.cpu_threads() != n:
         m.set_cpu_threads(n)
 
 

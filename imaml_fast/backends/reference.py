@@ -24,7 +24,7 @@ def _grad(fm, loss_of, w):
         leaves = fm.leaves(w)
         loss = loss_of(leaves)
         g = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-    return fm.join(g, 0), loss.detach()
+    return fm.join(g), loss.detach()
 
 
 def hvp_ref(fm, loss_of, w, v):
@@ -37,7 +37,7 @@ def hvp_ref(fm, loss_of, w, v):
             return torch.zeros_like(v)
         hv = torch.autograd.grad(g, leaves, fm.split(v), allow_unused=True,
                                  materialize_grads=True)
-    return fm.join(hv, 0)
+    return fm.join(hv)
 
 
 def cg_ref(matvec, b, max_iter, tol):
