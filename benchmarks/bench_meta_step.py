@@ -86,6 +86,7 @@ def main(argv=None):
     variants = [
         ("reference", base.replace(backend="reference")),
         ("default (auto)", base),
+        ("default, autograd layers", base.replace(layer_derivatives="autograd")),
         ("torch, hvp=fwdrev", base.replace(backend="torch", hvp="fwdrev")),
         ("torch, vmap all tasks", base.replace(backend="torch", task_batching="vmap")),
         ("torch, loop over tasks", base.replace(backend="torch", task_batching="loop")),

@@ -15,6 +15,7 @@ HVP_MODES = ("auto", "fwdrev", "revrev")
 TASK_BATCHING = ("auto", "vmap", "loop")
 CG_DENSE = ("auto", "never", "always")
 AMP = ("none", "bf16", "fp16")
+LAYER_DERIVATIVES = ("closed_form", "autograd")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -68,6 +69,12 @@ class IMAMLConfig:
         whole implicit CG solve in one kernel launch (small models); "never" keeps the
         matrix-free solve; "auto" takes the dense path on CUDA devices for P <= 4096 (see
         imaml_fast.dense for why not on the CPU).
+    layer_derivatives: "closed_form" (default) builds the graphs that Hessian-vector products
+        differentiate with imaml_fast.layers: convolutions and BatchNorm (batch statistics)
+        whose second derivatives are written out instead of autograd's differentiation of
+        their backward passes. Same values up to rounding, products about 1.5x cheaper on
+        the Omniglot network. "autograd" keeps ATen's own layers throughout. The sequential
+        reference backend and hvp="fwdrev" always use ATen's.
     """
 
     inner_solver: str = "gd"
@@ -85,6 +92,7 @@ class IMAMLConfig:
     check_finite: bool = True
     cg_dense: str = "auto"
     amp: str = "none"
+    layer_derivatives: str = "closed_form"
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -112,6 +120,8 @@ class IMAMLConfig:
             _fail("cg_dense", self.cg_dense, f"allowed values are {CG_DENSE}")
         if self.amp not in AMP:
             _fail("amp", self.amp, f"allowed values are {AMP}")
+        if self.layer_derivatives not in LAYER_DERIVATIVES:
+            _fail("layer_derivatives", self.layer_derivatives, f"allowed values are {LAYER_DERIVATIVES}")
         if not isinstance(self.check_finite, bool):
             _fail("check_finite", self.check_finite, "expected True or False")
 

@@ -8,11 +8,14 @@ parameter tensors, and the kernels of later backends see one contiguous buffer.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+
+from .layers import closed_form_layers
 
 
 def check_batchnorm(model: nn.Module) -> None:
@@ -93,6 +96,23 @@ class FunctionalModel:
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # Buffers (none for batch-statistics BatchNorm) are passed unchanged to every task.
         self.buffers = dict(model.named_buffers())
+        # Layers with closed-form second derivatives (imaml_fast.layers) unless a caller
+        # asks for ATen's own (layer_derivatives("autograd")).
+        self.closed_form = True
+
+    @contextmanager
+    def layer_derivatives(self, mode: str):
+        """Within this block, forward passes run BatchNorm through imaml_fast.layers
+        ("closed_form") or ATen's own layers ("autograd": the sequential reference path, and
+        forward-mode products, which imaml_fast.layers does not define)."""
+        if mode not in ("closed_form", "autograd"):
+            raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
+                             f"'closed_form', 'autograd'")
+        before, self.closed_form = self.closed_form, mode == "closed_form"
+        try:
+            yield
+        finally:
+            self.closed_form = before
 
     # ---- flat layout -------------------------------------------------------------------
     def flatten_params(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,14 +156,15 @@ class FunctionalModel:
         params = dict(zip(self.names, params))
         if self.buffers:
             params = {**self.buffers, **params}
-        if self.amp_dtype is None:
-            return functional_call(self.model, params, (x,))
-        # Mixed precision: the model's matmuls and convolutions in bf16/fp16, the output
-        # returned in the parameters' dtype so that the loss (and everything after it:
-        # gradients, inner updates, CG) stays in full precision.
-        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
-            out = functional_call(self.model, params, (x,))
-        return out.to(self.dtype)
+        with closed_form_layers() if self.closed_form else nullcontext():
+            if self.amp_dtype is None:
+                return functional_call(self.model, params, (x,))
+            # Mixed precision: the model's matmuls and convolutions in bf16/fp16, the output
+            # returned in the parameters' dtype so that the loss (and everything after it:
+            # gradients, inner updates, CG) stays in full precision.
+            with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+                out = functional_call(self.model, params, (x,))
+            return out.to(self.dtype)
 
     def loss_params(self, params: Sequence[torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
@@ -198,7 +219,10 @@ class FunctionalModel:
         Returns (grads, leaves, losses [T]): grads a list over spans of flat [t, P] (joined
         inside the graph when create_graph), leaves a list over spans of per-parameter
         tuples."""
-        with torch.enable_grad():
+        # imaml_fast.layers only pays when the gradient is differentiated again: its
+        # Functions' first backward costs a little more Python than ATen's.
+        plain = nullcontext() if create_graph else self.layer_derivatives("autograd")
+        with torch.enable_grad(), plain:
             loop = strategy == "loop"
             leaves, losses = [], []
             for a, b in self.spans(flat.shape[0], strategy):

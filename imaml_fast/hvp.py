@@ -69,7 +69,7 @@ class BatchedHVP:
                                          materialize_grads=True)
             hv = self.fm.join_spans(hv, self._leaves)
             return hv[0] if len(hv) == 1 else torch.cat(hv)
-        with torch.enable_grad():
+        with torch.enable_grad(), self.fm.layer_derivatives("autograd"):
             hv = jvp(self._gradfn, (self.fm.split(self.phi),),
                      (self.fm.split(v.to(self.phi.dtype).contiguous()),))[1]
             return self.fm.join(hv, (v.shape[0],))

@@ -101,6 +101,11 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     """meta_gradient() on a FunctionalModel, with theta as a flat [P] vector
     (default fm.theta). validate_values=False skips the checks that synchronise with the host
     (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
+    with fm.layer_derivatives(config.layer_derivatives):
+        return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values)
+
+
+def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values):
     theta = fm.theta if theta is None else theta
     shift, scale = implicit_operator(config) if operator is None else _check_operator(operator)
     validate_episode(fm, theta, xs, ys, xq, yq, values=validate_values)

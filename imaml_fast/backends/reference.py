@@ -120,7 +120,13 @@ def _inner_hf(fm, loss_of, theta, config):
 
 
 def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
-    """operator = (shift, scale): the CG operator is shift I + scale H."""
+    """operator = (shift, scale): the CG operator is shift I + scale H. Runs ATen's own
+    layers, as the authors' code does (not imaml_fast.layers' closed-form derivatives)."""
+    with fm.layer_derivatives("autograd"):
+        return _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator)
+
+
+def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
     from ..implicit import MetaGradient
 
     T = xs.shape[0]

@@ -1,0 +1,359 @@
+"""Convolution and BatchNorm with closed-form second derivatives: cheaper Hessian-vector
+products.
+
+A Hessian-vector product through a kept graph (hvp "revrev") differentiates the backward pass
+of every layer. For the paper's Omniglot network under vmap (tasks become the groups of one
+grouped convolution and the channels of one BatchNorm) PyTorch's own double backward spends
+most of a product in two places (benchmarks/profile_hvp.py):
+- a grouped convolution's double backward runs one convolution per group for its weight
+  term: one per task and layer (96 small convolutions per product for T = 32);
+- BatchNorm's backward, recorded with create_graph=True, becomes a dozen differentiable
+  elementwise ops and reductions, each differentiated again.
+
+Here both layers are pairs of autograd Functions whose forward passes and first backward
+passes are ATen's fused kernels, and whose second derivatives are written out:
+- `ConvFn` / `ConvBackwardFn`: every output of a convolution's backward is bilinear in two of
+  its inputs, so its vector-Jacobian product is two convolutions and one
+  convolution_backward call, grouped natively (no per-group loop).
+- `BatchNormFn` / `BatchNormBackwardFn` (batch statistics): the second derivative is
+  `batch_norm_double_backward`, five per-channel means and two elementwise outputs (derived
+  in its docstring).
+Their vmap rules fold the task dimension into the groups or channels ([N, T*C, H, W], per-task
+weights [T*O, ...]), so one call serves every task. Values equal ATen's up to rounding
+(tests/test_layers.py, float64, against autograd and a loop over tasks). The second
+derivatives are differentiable ops themselves, so third derivatives are right too (ATen's own
+third derivative of BatchNorm is not: the test shows it disagreeing with finite differences).
+
+Measured on the 2-core CPU (Omniglot 5-way 1-shot, T = 32): one product 85-90 ms -> 55-57 ms,
+a meta-step (16 inner steps, 5 CG steps) about 1.15x faster. A plain gradient gains nothing
+(its backward is ATen's either way, and the Functions add Python overhead), so
+FunctionalModel uses them only for gradients taken with create_graph=True.
+
+`closed_form_layers()` is the TorchFunctionMode that routes F.conv1d/2d/3d (numeric padding)
+and F.batch_norm with batch statistics to these Functions; anything else (running
+statistics, padding="same", mixed dtypes, autocast) passes through to ATen unchanged.
+The sequential reference backend and hvp="fwdrev" (these Functions define no forward-mode
+derivatives) keep ATen's layers; IMAMLConfig(layer_derivatives="autograd") turns them off.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_BN_SIGNATURE = inspect.signature(F.batch_norm)
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+_CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0,
+                                    dilation=1, groups=1: None)
+
+
+def _per_channel(x: torch.Tensor):
+    """The reduction dims and the broadcast shape of a per-channel [C] tensor for x [N, C, ...]."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return dims, shape
+
+
+def batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
+    """The vector-Jacobian product of BatchNorm's backward pass.
+
+    The backward pass (batch statistics over M = N*H*W elements per channel, x^ = (x - mean)
+    * invstd, r = invstd, g = weight) is
+        gx = g r (gy - <gy> - x^ <gy x^>),   gweight = M <gy x^>,   gbias = M <gy>
+    with <.> the per-channel mean. Given cotangents a, b, c of (gx, gweight, gbias), and with
+    abar = <a>, gbar = <gy>, P = <gy x^>, Q = <a x^>, A = <a gy> (using dx^_k/dx_m =
+    r (d_km - 1/M - x^_k x^_m / M) and dr/dx_m = -r^2 x^_m / M):
+        d/dgy     = g r (a - abar - x^ Q) + b x^ + c
+        d/dx      = g r^2 (-x^ (A - abar gbar - 3 P Q) - Q (gy - gbar) - P (a - abar))
+                    + b r (gy - gbar - x^ P)
+        d/dweight = r M (A - abar gbar - P Q)
+    a, b, c may be None (zero). weight may be None (affine=False: g = 1, no d/dweight).
+    With `eps` given, grad mode on and x requiring grad (a backward pass with
+    create_graph=True), mean and invstd are recomputed from x, so that the result is itself
+    differentiable: third derivatives come out right instead of silently missing the
+    statistics' dependence on x.
+    Returns (d/dgy, d/dx, d/dweight or None)."""
+    dims, shape = _per_channel(x)
+    M = x.numel() // x.shape[1] if x.numel() else 1
+    if eps is not None and torch.is_grad_enabled() and x.requires_grad:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+    r = invstd.view(shape)
+    xh = (x - mean.view(shape)) * r
+    g = weight.view(shape) if weight is not None else None
+    gbar = gy.mean(dims, keepdim=True)
+    P = (gy * xh).mean(dims, keepdim=True)
+    dgy = torch.zeros_like(gy)
+    dx = torch.zeros_like(x)
+    dw = None
+    if a is not None:
+        abar = a.mean(dims, keepdim=True)
+        Q = (a * xh).mean(dims, keepdim=True)
+        A = (a * gy).mean(dims, keepdim=True)
+        gr = r if g is None else g * r
+        dgy = dgy + gr * (a - abar - xh * Q)
+        dx = dx + (gr * r) * (-xh * (A - abar * gbar - 3 * P * Q) - Q * (gy - gbar) - P * (a - abar))
+        if weight is not None:
+            dw = (r * M * (A - abar * gbar - P * Q)).view(-1)
+    if b is not None:
+        bv = b.view(shape)
+        dgy = dgy + bv * xh
+        dx = dx + bv * r * (gy - gbar - xh * P)
+    if c is not None:
+        dgy = dgy + c.view(shape)
+    if weight is not None and dw is None:
+        dw = torch.zeros_like(weight)
+    return dgy, dx, dw
+
+
+def _fold(t: Optional[torch.Tensor], bdim: Optional[int], B: int, dim: int):
+    """Move t's vmap dimension (bdim, or none: broadcast) to `dim` and merge it with the
+    dimension after it: x [.., B, C, ..] -> [.., B*C, ..] (tasks become channels)."""
+    if t is None:
+        return None
+    if bdim is None:
+        t = t.unsqueeze(dim).expand(*t.shape[:dim], B, *t.shape[dim:])
+    else:
+        t = t.movedim(bdim, dim)
+    return t.reshape(*t.shape[:dim], -1, *t.shape[dim + 2:])
+
+
+def _batch_size(in_dims, args):
+    for d, t in zip(in_dims, args):
+        if d is not None and isinstance(t, torch.Tensor):
+            return t.shape[d]
+    raise AssertionError("vmap rule called with no batched input")
+
+
+class BatchNormFn(torch.autograd.Function):
+    """(x [N, C, ...], weight [C] or None, bias [C] or None, eps) -> (y, mean, invstd)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.has_bias = eps, inputs[2] is not None
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _ginvstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = BatchNormBackwardFn.apply(gy, x, weight, mean, invstd, ctx.eps,
+                                               ctx.has_bias)
+        return gx, gw, gb, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        B = _batch_size(in_dims, (x, weight, bias))
+        xf = _fold(x, in_dims[0], B, 1)  # [N, B*C, ...]
+        N = xf.shape[0]
+        wf = _fold(weight, in_dims[1], B, 0)
+        bf = _fold(bias, in_dims[2], B, 0)
+        y, mean, invstd = BatchNormFn.apply(xf, wf, bf, eps)
+        y = y.view(N, B, -1, *y.shape[2:])
+        return (y, mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0)
+
+
+class BatchNormBackwardFn(torch.autograd.Function):
+    """(gy, x, weight, mean, invstd, eps, has_bias) -> (gx, gweight, gbias): ATen's fused
+    BatchNorm backward; its own backward is batch_norm_double_backward."""
+
+    @staticmethod
+    def forward(gy, x, weight, mean, invstd, eps, has_bias):
+        affine = weight is not None
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, eps, [True, affine, affine and has_bias])
+        return gx, gw, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, x, weight, mean, invstd, eps, _ = inputs
+        ctx.save_for_backward(gy, x, weight, mean, invstd)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, a, b, c):
+        gy, x, weight, mean, invstd = ctx.saved_tensors
+        dgy, dx, dw = batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, ctx.eps)
+        return dgy, dx, dw, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, gy, x, weight, mean, invstd, eps, has_bias):
+        B = _batch_size(in_dims, (gy, x, weight, mean, invstd))
+        xf = _fold(x, in_dims[1], B, 1)
+        N = xf.shape[0]
+        gx, gw, gb = BatchNormBackwardFn.apply(
+            _fold(gy, in_dims[0], B, 1), xf,
+            _fold(weight, in_dims[2], B, 0), _fold(mean, in_dims[3], B, 0),
+            _fold(invstd, in_dims[4], B, 0), eps, has_bias)
+        gx = gx.view(N, B, -1, *gx.shape[2:])
+        return ((gx, None if gw is None else gw.view(B, -1), None if gb is None else gb.view(B, -1)),
+                (1, None if gw is None else 0, None if gb is None else 0))
+
+
+def _conv_args(dims: int, stride, padding, dilation):
+    def as_list(v):
+        return list(v) if isinstance(v, (tuple, list)) else [int(v)] * dims
+    return as_list(stride), as_list(padding), as_list(dilation)
+
+
+class ConvFn(torch.autograd.Function):
+    """(x [N, C, *spatial], weight [O, C/groups, *kernel], bias [O] or None, stride, padding,
+    dilation, groups) -> y: ATen's convolution; its backward is ConvBackwardFn."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                          [0] * len(stride), groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.needs_input_grad[2] and ctx.has_bias)
+        gx, gw, gb = ConvBackwardFn.apply(gy, x, weight, ctx.conv, mask)
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
+        B = _batch_size(in_dims, (x, weight, bias))
+        if in_dims[1] is None and in_dims[2] is None:
+            # shared weights: the tasks are more samples, [B*N, C, ...]
+            xb = x.movedim(in_dims[0], 0)
+            y = ConvFn.apply(xb.reshape(-1, *xb.shape[2:]), weight, bias, stride, padding,
+                             dilation, groups)
+            return y.view(B, -1, *y.shape[1:]), 0
+        # per-task weights: the tasks are more groups, [N, B*C, ...] with weights [B*O, ...]
+        xf = _fold(x, in_dims[0], B, 1)
+        y = ConvFn.apply(xf, _fold(weight, in_dims[1], B, 0), _fold(bias, in_dims[2], B, 0),
+                         stride, padding, dilation, groups * B)
+        return y.view(y.shape[0], B, -1, *y.shape[2:]), 1
+
+
+class ConvBackwardFn(torch.autograd.Function):
+    """(gy, x, weight, conv, mask) -> (gx, gweight, gbias), each None where mask says so:
+    ATen's convolution_backward. Its backward, for cotangents (A, B, c) of the three:
+        d/dgy = conv(A, weight) + conv(x, B) + c,   d/dweight = wgrad(input A, gy),
+        d/dx = igrad(gy, weight B)
+    (each output is bilinear in two inputs), the last two in one convolution_backward call.
+    ATen's own double backward of a grouped convolution runs one convolution per group for
+    the weight term: per task, once the tasks are groups."""
+
+    @staticmethod
+    def forward(gy, x, weight, conv, mask):
+        stride, padding, dilation, groups = conv
+        return torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, list(mask))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, x, weight, conv, mask = inputs
+        ctx.save_for_backward(gy, x, weight)
+        ctx.conv = conv
+
+    @staticmethod
+    def backward(ctx, A, B, c):  # ATen ops only: differentiable again (third derivatives)
+        gy, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        dgy = dx = dw = None
+        if need_gy:
+            terms = []
+            if A is not None:
+                terms.append(torch.ops.aten.convolution(A, weight, c, stride, padding, dilation,
+                                                        False, [0] * len(stride), groups))
+                c = None
+            if B is not None:
+                terms.append(torch.ops.aten.convolution(x, B, c, stride, padding, dilation, False,
+                                                        [0] * len(stride), groups))
+                c = None
+            if c is not None:
+                terms.append(c.view(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy))
+            dgy = sum(terms[1:], terms[0]) if terms else torch.zeros_like(gy)
+        want_x, want_w = need_x and B is not None, need_w and A is not None
+        if want_x or want_w:
+            # igrad with weight B (d/dx), wgrad with input A (d/dweight): one call
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                gy, A if A is not None else x, B if B is not None else weight, None, stride,
+                padding, dilation, False, [0] * len(stride), groups, [want_x, want_w, False])
+        if need_x and dx is None:
+            dx = torch.zeros_like(x)
+        if need_w and dw is None:
+            dw = torch.zeros_like(weight)
+        return dgy, dx, dw, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, gy, x, weight, conv, mask):
+        # always the per-task-groups form: every task has its own weight gradient
+        B = _batch_size(in_dims, (gy, x, weight))
+        stride, padding, dilation, groups = conv
+        gx, gw, gb = ConvBackwardFn.apply(
+            _fold(gy, in_dims[0], B, 1), _fold(x, in_dims[1], B, 1), _fold(weight, in_dims[2], B, 0),
+            (stride, padding, dilation, groups * B), mask)
+        out = (None if gx is None else gx.view(gx.shape[0], B, -1, *gx.shape[2:]),
+               None if gw is None else gw.view(B, -1, *gw.shape[1:]),
+               None if gb is None else gb.view(B, -1))
+        return out, (None if gx is None else 1, None if gw is None else 0,
+                     None if gb is None else 0)
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv1d/2d/3d (numeric padding) with the closed-form second derivative."""
+    dims = weight.dim() - 2
+    stride, padding, dilation = _conv_args(dims, stride, padding, dilation)
+    return ConvFn.apply(x, weight, bias, stride, padding, dilation, groups)
+
+
+def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5) -> torch.Tensor:
+    """F.batch_norm with batch statistics (training=True, no running statistics), with the
+    closed-form second derivative."""
+    return BatchNormFn.apply(x, weight, bias, eps)[0]
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): off
+        return False
+
+
+class closed_form_layers(TorchFunctionMode):
+    """Within this mode F.conv1d/2d/3d run `conv` and F.batch_norm with batch statistics runs
+    `batch_norm`; every other call is left alone. Inputs these do not cover (running
+    statistics, string padding, mixed dtypes, autocast) pass through unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONVS:
+            a = _CONV_SIGNATURE.bind(*args, **kwargs).arguments
+            x, w, b = a["input"], a["weight"], a.get("bias")
+            if (not isinstance(a.get("padding", 0), str) and x.dim() == w.dim()
+                    and all(t is None or t.dtype == x.dtype for t in (w, b))
+                    and not _autocast_on(x.device.type)):
+                return conv(x, w, b, a.get("stride", 1), a.get("padding", 0),
+                            a.get("dilation", 1), a.get("groups", 1))
+        if func is F.batch_norm:
+            a = _BN_SIGNATURE.bind(*args, **kwargs).arguments
+            x, w, b = a["input"], a.get("weight"), a.get("bias")
+            if (a.get("training", False) and a.get("running_mean") is None
+                    and a.get("running_var") is None and x.dim() >= 2
+                    and all(t is None or t.dtype == x.dtype for t in (w, b))):
+                return batch_norm(x, w, b, a.get("eps", 1e-5))
+        return func(*args, **kwargs)

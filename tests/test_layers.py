@@ -1,0 +1,347 @@
+"""imaml_fast.layers: BatchNorm with batch statistics and a closed-form second derivative,
+against autograd's own derivatives of F.batch_norm (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imaml_fast import IMAMLConfig, meta_gradient
+from imaml_fast.layers import (BatchNormFn, batch_norm, batch_norm_double_backward,
+                               closed_form_layers)
+
+D = torch.float64
+EPS = 1e-5
+
+
+def _autograd_double_backward(x, w, b, gy, a, bw, cb):
+    """(d/dgy, d/dx, d/dweight) of <a, gx> + <bw, gweight> + <cb, gbias>, by autograd."""
+    x = x.clone().requires_grad_(True)
+    gy = gy.clone().requires_grad_(True)
+    ins = [x] + [t.clone().requires_grad_(True) for t in (w, b) if t is not None]
+    wl = ins[1] if w is not None else None
+    bl = ins[2] if b is not None else None
+    y = F.batch_norm(x, None, None, wl, bl, True, 0.0, EPS)
+    firsts = torch.autograd.grad(y, ins, gy, create_graph=True)
+    cots = [a, bw, cb][:len(firsts)]
+    pairs = [(f, c) for f, c in zip(firsts, cots) if c is not None]
+    wrt = [gy, x] + ([wl] if wl is not None else [])
+    return torch.autograd.grad([f for f, _ in pairs], wrt, [c for _, c in pairs],
+                               allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 6), (7, 4), (3, 5, 9), (1, 2, 3, 3)])
+@pytest.mark.parametrize("affine,missing", [(True, "none"), (True, "a"), (True, "b"),
+                                            (True, "c"), (False, "none")])
+def test_double_backward_formula_matches_autograd(shape, affine, missing):
+    g = torch.Generator().manual_seed(sum(shape))
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=D) * 2 + 0.5
+    w = torch.randn(C, generator=g, dtype=D) if affine else None
+    b = torch.randn(C, generator=g, dtype=D) if affine else None
+    gy = torch.randn(shape, generator=g, dtype=D)
+    a = torch.randn(shape, generator=g, dtype=D)
+    bw = torch.randn(C, generator=g, dtype=D) if affine else None
+    cb = torch.randn(C, generator=g, dtype=D) if affine else None
+    if missing == "a":
+        a = None
+    elif missing == "b":
+        bw = None
+    elif missing == "c":
+        cb = None
+    want = _autograd_double_backward(x, w, b, gy, a, bw, cb)
+    _, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, EPS)
+    got = batch_norm_double_backward(a, bw, cb, gy, x, mean, invstd, w)
+    assert torch.allclose(got[0], want[0], rtol=1e-10, atol=1e-11)
+    assert torch.allclose(got[1], want[1], rtol=1e-10, atol=1e-11)
+    if affine:
+        assert torch.allclose(got[2], want[2], rtol=1e-10, atol=1e-11)
+    else:
+        assert got[2] is None
+
+
+def _hvp_through(fn, params, v):
+    """Hessian-vector product of fn(params) (scalar) through a kept graph."""
+    params = [p.clone().requires_grad_(True) for p in params]
+    g = torch.autograd.grad(fn(*params), params, create_graph=True)
+    return torch.autograd.grad(g, params, v)
+
+
+def test_function_values_gradients_and_hvp_match_f_batch_norm():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=D)
+    w, b = torch.randn(3, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    t = torch.randn(4, 3, 5, 5, generator=g, dtype=D)
+
+    def loss(bn):  # a nonlinear scalar of BatchNorm's output, so the Hessian is not trivial
+        return lambda x, w, b: (torch.tanh(bn(x, w, b)) * t).sum()
+
+    ours = loss(lambda x, w, b: batch_norm(x, w, b, EPS))
+    ref = loss(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.0, EPS))
+    assert torch.allclose(ours(x, w, b), ref(x, w, b), rtol=1e-13)
+    v = [torch.randn(x.shape, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D),
+         torch.randn(3, generator=g, dtype=D)]
+    for got, want in zip(_hvp_through(ours, [x, w, b], v), _hvp_through(ref, [x, w, b], v)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (1, 0, 0), (0, None, None)])
+def test_vmap_rule_is_per_task_batch_norm(in_dims):
+    """vmap folds tasks into channels: the same numbers as a loop of per-task F.batch_norm,
+    for values, gradients and Hessian-vector products, whichever dims are batched."""
+    T, N, C = 3, 4, 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, N, C, 3, 3, generator=g, dtype=D)
+    w, b = torch.randn(T, C, generator=g, dtype=D), torch.randn(T, C, generator=g, dtype=D)
+    if in_dims[1] is None:
+        w, b = w[0], b[0]
+    xin = x.movedim(0, 1).contiguous() if in_dims[0] == 1 else x
+    t = torch.randn(T, N, C, 3, 3, generator=g, dtype=D)
+
+    def ours(xin, w, b):
+        y = torch.vmap(lambda xx, ww, bb: batch_norm(xx, ww, bb, EPS), in_dims=in_dims)(xin, w, b)
+        return (torch.tanh(y) * t).sum()
+
+    def loop(xin, w, b):
+        xs = xin.movedim(1, 0) if in_dims[0] == 1 else xin
+        ys = [F.batch_norm(xs[i], None, None, w[i] if w.dim() == 2 else w,
+                           b[i] if b.dim() == 2 else b, True, 0.0, EPS) for i in range(T)]
+        return (torch.tanh(torch.stack(ys)) * t).sum()
+
+    assert torch.allclose(ours(xin, w, b), loop(xin, w, b), rtol=1e-13)
+    v = [torch.randn(p.shape, generator=g, dtype=D) for p in (xin, w, b)]
+    for got, want in zip(_hvp_through(ours, [xin, w, b], v), _hvp_through(loop, [xin, w, b], v)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _plain_batch_norm(x, w):
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + EPS) * w.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("layer", ["batch_norm", "conv"])
+def test_third_derivatives_match_autograd(layer):
+    """A product differentiated once more (create_graph=True) is right, not silently
+    missing the batch statistics' dependence on x. The BatchNorm reference is written in
+    plain differentiable ops: ATen's own third derivative of F.batch_norm is wrong (in torch
+    2.13 it disagrees with finite differences of its second derivative; ours agrees)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, 5, 5, generator=g, dtype=D)
+    if layer == "batch_norm":
+        w = torch.randn(2, generator=g, dtype=D)
+        ours = lambda x, w: batch_norm(x, w, None, EPS)  # noqa: E731
+        ref = _plain_batch_norm
+    else:
+        w = torch.randn(3, 2, 3, 3, generator=g, dtype=D)
+        ours = lambda x, w: conv(x, w, None, 2, 1)  # noqa: E731
+        ref = lambda x, w: F.conv2d(x, w, None, 2, 1)  # noqa: E731
+    t = torch.randn(ours(x, w).shape, generator=g, dtype=D)
+    v = [torch.randn(x.shape, generator=g, dtype=D), torch.randn(w.shape, generator=g, dtype=D)]
+
+    def third(f):
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        first = torch.autograd.grad((torch.tanh(f(xl, wl)) * t).sum(), (xl, wl), create_graph=True)
+        hv = torch.autograd.grad(first, (xl, wl), v, create_graph=True)
+        return torch.autograd.grad(sum((h * h).sum() for h in hv), (xl, wl))
+
+    for a_, b_ in zip(third(ours), third(ref)):
+        assert torch.allclose(a_, b_, rtol=1e-9, atol=1e-11)
+
+
+def test_mode_routes_only_batch_statistics():
+    x = torch.randn(6, 3, 4, 4, dtype=D)
+    bn = nn.BatchNorm2d(3, track_running_stats=False).double()
+    with closed_form_layers():
+        y = bn(x)
+    assert "BatchNormFn" in str(y.grad_fn)
+    assert torch.allclose(y, F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+    # running statistics: passed through to ATen, which updates them
+    tracked = nn.BatchNorm2d(3).double()
+    with closed_form_layers():
+        tracked(x)
+    assert torch.allclose(tracked.running_mean, 0.1 * x.mean((0, 2, 3)))
+    # eval mode with running statistics: ATen's, unchanged semantics
+    tracked.eval()
+    with closed_form_layers():
+        y = tracked(x)
+    assert torch.allclose(y, F.batch_norm(x, tracked.running_mean, tracked.running_var,
+                                          tracked.weight, tracked.bias, False, 0.0, tracked.eps))
+    # mixed dtypes (a bf16 activation with fp32 weights, as under autocast): ATen's
+    xb = x.float().to(torch.bfloat16).requires_grad_(True)
+    bnf = nn.BatchNorm2d(3, track_running_stats=False)
+    with closed_form_layers():
+        y = bnf(xb)
+    assert "BatchNormFn" not in str(y.grad_fn)
+
+
+def _omniglot_like():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3), nn.BatchNorm1d(3, track_running_stats=False)).double()
+    g = torch.Generator().manual_seed(3)
+    T = 4
+    xs = torch.randn(T, 6, 1, 8, 8, generator=g, dtype=D)
+    xq = torch.randn(T, 5, 1, 8, 8, generator=g, dtype=D)
+    ys = torch.randint(0, 3, (T, 6), generator=g)
+    yq = torch.randint(0, 3, (T, 5), generator=g)
+    return model, (xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
+@pytest.mark.parametrize("task_batching", ["vmap", "loop", 3])
+def test_meta_gradient_same_with_either_layer_derivatives(hvp, task_batching):
+    """The engine with closed-form BatchNorm derivatives (default) gives the meta-gradient of
+    ATen's layers and of the sequential reference, including BatchNorm1d after a Linear."""
+    model, ep = _omniglot_like()
+    cfg = IMAMLConfig(inner_steps=3, cg_steps=4, lam=1.0, inner_lr=0.1, hvp=hvp,
+                      backend="torch", task_batching=task_batching)
+    ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
+    aten = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(layer_derivatives="autograd"))
+    ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
+    for n in ours.grads:
+        assert torch.allclose(ours.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
+        assert torch.allclose(ours.grads[n], ref.grads[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_hf_inner_solver_with_closed_form_layers():
+    model, ep = _omniglot_like()
+    cfg = IMAMLConfig(inner_solver="hf", inner_steps=2, cg_steps=3, lam=1.0, backend="torch")
+    ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
+    ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
+    for n in ours.grads:
+        assert torch.allclose(ours.grads[n], ref.grads[n], rtol=1e-8, atol=1e-11), n
+
+
+def test_config_rejects_unknown_layer_derivatives():
+    with pytest.raises(ValueError, match="layer_derivatives.*closed_form"):
+        IMAMLConfig(layer_derivatives="fused")
+
+
+def test_batchnormfn_returns_batch_statistics():
+    x = torch.randn(5, 3, 2, 2, dtype=D)
+    y, mean, invstd = BatchNormFn.apply(x, None, None, EPS)
+    assert torch.allclose(mean, x.mean((0, 2, 3)))
+    assert torch.allclose(invstd, 1 / torch.sqrt(x.var((0, 2, 3), unbiased=False) + EPS))
+
+
+# ---- convolution -------------------------------------------------------------------------
+from imaml_fast.layers import conv  # noqa: E402
+
+CONV_CASES = [  # (x shape, weight shape, stride, padding, dilation, groups)
+    ((3, 4, 9, 9), (6, 4, 3, 3), 2, 1, 1, 1),
+    ((2, 4, 8, 7), (6, 2, 3, 2), 1, (1, 0), 1, 2),
+    ((2, 3, 10, 10), (3, 1, 3, 3), 1, 2, 2, 3),
+    ((2, 3, 11), (5, 3, 4), 3, 1, 1, 1),              # conv1d
+    ((1, 2, 5, 5, 4), (4, 2, 3, 3, 2), 1, 1, 1, 1),   # conv3d
+]
+
+
+def _f_conv(x, w, b, stride, padding, dilation, groups):
+    f = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    return f(x, w, b, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_values_gradients_and_hvp_match_aten(case, bias):
+    xs, ws, stride, padding, dilation, groups = case
+    g = torch.Generator().manual_seed(len(xs) + ws[0])
+    x = torch.randn(xs, generator=g, dtype=D)
+    w = torch.randn(ws, generator=g, dtype=D)
+    b = torch.randn(ws[0], generator=g, dtype=D) if bias else None
+    y0 = _f_conv(x, w, b, stride, padding, dilation, groups)
+    t = torch.randn(y0.shape, generator=g, dtype=D)
+
+    def loss(c):  # tanh makes the Hessian in x and w non-trivial (a conv alone is bilinear)
+        return lambda x, w, *b: (torch.tanh(c(x, w, b[0] if b else None, stride, padding,
+                                                dilation, groups)) * t).sum()
+
+    params = [x, w] + ([b] if bias else [])
+    assert torch.allclose(conv(x, w, b, stride, padding, dilation, groups), y0, rtol=1e-13)
+    v = [torch.randn(p.shape, generator=g, dtype=D) for p in params]
+    got = _hvp_through(loss(conv), params, v)
+    want = _hvp_through(loss(_f_conv), params, v)
+    for a_, b_ in zip(got, want):
+        assert torch.allclose(a_, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["A", "B", "c"])
+def test_conv_double_backward_with_one_cotangent(which):
+    """Each cotangent of (gx, gweight, gbias) alone, as when only some first derivatives
+    feed the loss."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+    gy = torch.randn(2, 4, 3, 3, generator=g, dtype=D, requires_grad=True)
+    cot = {"A": torch.randn(x.shape, generator=g, dtype=D),
+           "B": torch.randn(w.shape, generator=g, dtype=D),
+           "c": torch.randn(4, generator=g, dtype=D)}[which]
+    idx = "ABc".index(which)
+    outs = []
+    for f in (conv, _f_conv):
+        y = f(x, w, b, 2, 1, 1, 2)
+        first = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)[idx]
+        outs.append(torch.autograd.grad(first, (gy, x, w), cot, allow_unused=True,
+                                        materialize_grads=True))
+    for a_, b_ in zip(*outs):
+        assert torch.allclose(a_, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("x_dim", [0, 1])
+def test_conv_vmap_rule_matches_a_loop(shared, x_dim):
+    """vmap over tasks: per-task weights become groups, shared weights more samples; values
+    and Hessian-vector products equal a loop of per-task F.conv2d."""
+    T, N = 3, 2
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(T, N, 2, 7, 7, generator=g, dtype=D)
+    w = torch.randn(T, 4, 2, 3, 3, generator=g, dtype=D)
+    b = torch.randn(T, 4, generator=g, dtype=D)
+    if shared:
+        w, b = w[0], b[0]
+    xin = x.movedim(0, 1).contiguous() if x_dim == 1 else x
+    t = torch.randn(T, N, 4, 4, 4, generator=g, dtype=D)
+    wd = None if shared else 0
+
+    def ours(xin, w, b):
+        y = torch.vmap(lambda xx, ww, bb: conv(xx, ww, bb, 2, 1), in_dims=(x_dim, wd, wd))(xin, w, b)
+        return (torch.tanh(y) * t).sum()
+
+    def loop(xin, w, b):
+        xs = xin.movedim(1, 0) if x_dim == 1 else xin
+        ys = [F.conv2d(xs[i], w if shared else w[i], b if shared else b[i], 2, 1) for i in range(T)]
+        return (torch.tanh(torch.stack(ys)) * t).sum()
+
+    assert torch.allclose(ours(xin, w, b), loop(xin, w, b), rtol=1e-13)
+    v = [torch.randn(p.shape, generator=g, dtype=D) for p in (xin, w, b)]
+    for got, want in zip(_hvp_through(ours, [xin, w, b], v), _hvp_through(loop, [xin, w, b], v)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_backward_under_vmap_of_grad():
+    """Per-task gradients by torch.func (vmap over grad) run ConvBackwardFn's vmap rule."""
+    T = 3
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, 2, 2, 6, 6, generator=g, dtype=D)
+    w = torch.randn(T, 3, 2, 3, 3, generator=g, dtype=D)
+
+    def f(c):
+        return lambda w, x: torch.tanh(c(x, w, None, 1, 1)).pow(2).sum()
+
+    ours = torch.vmap(torch.func.grad(f(conv)))(w, x)
+    want = torch.vmap(torch.func.grad(f(lambda x, w, b, s, p: F.conv2d(x, w, b, s, p))))(w, x)
+    assert torch.allclose(ours, want, rtol=1e-12)
+
+
+def test_mode_routes_numeric_padding_convolutions_only():
+    x = torch.randn(2, 3, 6, 6, dtype=D, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=D, requires_grad=True)
+    with closed_form_layers():
+        y = F.conv2d(x, w, None, 1, 1)
+        same = F.conv2d(x, w, None, 1, "same")
+    assert "ConvFn" in str(y.grad_fn)
+    assert "ConvFn" not in str(same.grad_fn)
+    assert torch.allclose(y, same)
