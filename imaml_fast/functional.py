@@ -99,20 +99,26 @@ class FunctionalModel:
         # Layers with closed-form second derivatives (imaml_fast.layers) unless a caller
         # asks for ATen's own (layer_derivatives("autograd")).
         self.closed_form = True
+        self.bn_kernel = None  # a backend's fused BatchNorm double backward, see layer_derivatives
 
     @contextmanager
-    def layer_derivatives(self, mode: str):
-        """Within this block, forward passes run BatchNorm through imaml_fast.layers
-        ("closed_form") or ATen's own layers ("autograd": the sequential reference path, and
-        forward-mode products, which imaml_fast.layers does not define)."""
+    def layer_derivatives(self, mode: str, ops=None):
+        """Within this block, graphs that will be differentiated twice are built with
+        imaml_fast.layers ("closed_form") or ATen's own layers ("autograd": the sequential
+        reference path, and forward-mode products, which imaml_fast.layers does not define).
+        ops: a backend's ops; its "bn_double_backward", if any, runs BatchNorm's second
+        derivative in products."""
         if mode not in ("closed_form", "autograd"):
             raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
                              f"'closed_form', 'autograd'")
-        before, self.closed_form = self.closed_form, mode == "closed_form"
+        before = self.closed_form, self.bn_kernel
+        self.closed_form = mode == "closed_form"
+        if ops is not None:
+            self.bn_kernel = ops.get("bn_double_backward")
         try:
             yield
         finally:
-            self.closed_form = before
+            self.closed_form, self.bn_kernel = before
 
     # ---- flat layout -------------------------------------------------------------------
     def flatten_params(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,7 +162,7 @@ class FunctionalModel:
         params = dict(zip(self.names, params))
         if self.buffers:
             params = {**self.buffers, **params}
-        with closed_form_layers() if self.closed_form else nullcontext():
+        with closed_form_layers(self.bn_kernel) if self.closed_form else nullcontext():
             if self.amp_dtype is None:
                 return functional_call(self.model, params, (x,))
             # Mixed precision: the model's matmuls and convolutions in bf16/fp16, the output

@@ -101,15 +101,17 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     """meta_gradient() on a FunctionalModel, with theta as a flat [P] vector
     (default fm.theta). validate_values=False skips the checks that synchronise with the host
     (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
-    with fm.layer_derivatives(config.layer_derivatives):
-        return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values)
+    backend = resolve_backend(config.backend, fm.device, fm.dtype)
+    ops = backend.ops() if backend.batched else None
+    with fm.layer_derivatives(config.layer_derivatives, ops):
+        return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values,
+                                   backend)
 
 
-def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values):
+def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values, backend):
     theta = fm.theta if theta is None else theta
     shift, scale = implicit_operator(config) if operator is None else _check_operator(operator)
     validate_episode(fm, theta, xs, ys, xq, yq, values=validate_values)
-    backend = resolve_backend(config.backend, fm.device, fm.dtype)
     if config.cg_dense == "always" and "dense_cg" not in backend.ops():
         raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "
                          f"use backend 'torch', 'triton', 'cpp' or 'cuda'")

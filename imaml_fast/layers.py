@@ -129,45 +129,48 @@ def _batch_size(in_dims, args):
 
 
 class BatchNormFn(torch.autograd.Function):
-    """(x [N, C, ...], weight [C] or None, bias [C] or None, eps) -> (y, mean, invstd)."""
+    """(x [N, C, ...], weight [C] or None, bias [C] or None, eps, kernel) -> (y, mean, invstd).
+    kernel: the backend's fused batch_norm_double_backward for products (None: the formula)."""
 
     @staticmethod
-    def forward(x, weight, bias, eps):
+    def forward(x, weight, bias, eps, kernel=None):
         return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps = inputs
+        x, weight, bias, eps, kernel = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps, ctx.has_bias = eps, inputs[2] is not None
+        ctx.eps, ctx.has_bias, ctx.kernel = eps, bias is not None, kernel
 
     @staticmethod
     def backward(ctx, gy, _gmean, _ginvstd):
         x, weight, mean, invstd = ctx.saved_tensors
         gx, gw, gb = BatchNormBackwardFn.apply(gy, x, weight, mean, invstd, ctx.eps,
-                                               ctx.has_bias)
-        return gx, gw, gb, None
+                                               ctx.has_bias, ctx.kernel)
+        return gx, gw, gb, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps):
+    def vmap(info, in_dims, x, weight, bias, eps, kernel=None):
         B = _batch_size(in_dims, (x, weight, bias))
         xf = _fold(x, in_dims[0], B, 1)  # [N, B*C, ...]
         N = xf.shape[0]
         wf = _fold(weight, in_dims[1], B, 0)
         bf = _fold(bias, in_dims[2], B, 0)
-        y, mean, invstd = BatchNormFn.apply(xf, wf, bf, eps)
+        y, mean, invstd = BatchNormFn.apply(xf, wf, bf, eps, kernel)
         y = y.view(N, B, -1, *y.shape[2:])
         return (y, mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0)
 
 
 class BatchNormBackwardFn(torch.autograd.Function):
-    """(gy, x, weight, mean, invstd, eps, has_bias) -> (gx, gweight, gbias): ATen's fused
-    BatchNorm backward; its own backward is batch_norm_double_backward."""
+    """(gy, x, weight, mean, invstd, eps, has_bias, kernel) -> (gx, gweight, gbias): ATen's
+    fused BatchNorm backward. Its own backward is `kernel` (a backend's fused
+    batch_norm_double_backward) when no graph is being built, as in every product, and
+    batch_norm_double_backward's differentiable formula otherwise."""
 
     @staticmethod
-    def forward(gy, x, weight, mean, invstd, eps, has_bias):
+    def forward(gy, x, weight, mean, invstd, eps, has_bias, kernel=None):
         affine = weight is not None
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             gy, x, weight, None, None, mean, invstd, True, eps, [True, affine, affine and has_bias])
@@ -175,25 +178,28 @@ class BatchNormBackwardFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, weight, mean, invstd, eps, _ = inputs
+        gy, x, weight, mean, invstd, eps, _, kernel = inputs
         ctx.save_for_backward(gy, x, weight, mean, invstd)
-        ctx.eps = eps
+        ctx.eps, ctx.kernel = eps, kernel
 
     @staticmethod
     def backward(ctx, a, b, c):
         gy, x, weight, mean, invstd = ctx.saved_tensors
-        dgy, dx, dw = batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, ctx.eps)
-        return dgy, dx, dw, None, None, None, None
+        if ctx.kernel is not None and not torch.is_grad_enabled():
+            dgy, dx, dw = ctx.kernel(a, b, c, gy, x, mean, invstd, weight)
+        else:
+            dgy, dx, dw = batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, ctx.eps)
+        return dgy, dx, dw, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, gy, x, weight, mean, invstd, eps, has_bias):
+    def vmap(info, in_dims, gy, x, weight, mean, invstd, eps, has_bias, kernel=None):
         B = _batch_size(in_dims, (gy, x, weight, mean, invstd))
         xf = _fold(x, in_dims[1], B, 1)
         N = xf.shape[0]
         gx, gw, gb = BatchNormBackwardFn.apply(
             _fold(gy, in_dims[0], B, 1), xf,
             _fold(weight, in_dims[2], B, 0), _fold(mean, in_dims[3], B, 0),
-            _fold(invstd, in_dims[4], B, 0), eps, has_bias)
+            _fold(invstd, in_dims[4], B, 0), eps, has_bias, kernel)
         gx = gx.view(N, B, -1, *gx.shape[2:])
         return ((gx, None if gw is None else gw.view(B, -1), None if gb is None else gb.view(B, -1)),
                 (1, None if gw is None else 0, None if gb is None else 0))
@@ -321,10 +327,10 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float = 1e-5) -> torch.Tensor:
+               eps: float = 1e-5, kernel=None) -> torch.Tensor:
     """F.batch_norm with batch statistics (training=True, no running statistics), with the
     closed-form second derivative."""
-    return BatchNormFn.apply(x, weight, bias, eps)[0]
+    return BatchNormFn.apply(x, weight, bias, eps, kernel)[0]
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -337,7 +343,13 @@ def _autocast_on(device_type: str) -> bool:
 class closed_form_layers(TorchFunctionMode):
     """Within this mode F.conv1d/2d/3d run `conv` and F.batch_norm with batch statistics runs
     `batch_norm`; every other call is left alone. Inputs these do not cover (running
-    statistics, string padding, mixed dtypes, autocast) pass through unchanged."""
+    statistics, string padding, mixed dtypes, autocast) pass through unchanged.
+    bn_kernel: a backend's fused batch_norm_double_backward (same signature) to run in
+    products; None runs the formula in PyTorch ops."""
+
+    def __init__(self, bn_kernel=None):
+        super().__init__()
+        self.bn_kernel = bn_kernel
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -355,5 +367,5 @@ class closed_form_layers(TorchFunctionMode):
             if (a.get("training", False) and a.get("running_mean") is None
                     and a.get("running_var") is None and x.dim() >= 2
                     and all(t is None or t.dtype == x.dtype for t in (w, b))):
-                return batch_norm(x, w, b, a.get("eps", 1e-5))
+                return batch_norm(x, w, b, a.get("eps", 1e-5), self.bn_kernel)
         return func(*args, **kwargs)

@@ -16,7 +16,7 @@ import time
 
 
 def cases():
-    from . import cg, dense, vector
+    from . import batch_norm, cg, dense, vector
 
     out = []
     for dt in ("fp32", "fp64", "bf16"):
@@ -42,6 +42,12 @@ def cases():
             (dense._dense_cg_kernel, {"H_ptr": f"*{acc}", "b_ptr": f"*{acc}", "ws_ptr": f"*{acc}",
              "iters_ptr": "*i64", "res_ptr": f"*{acc}", "status_ptr": "*i8", "coef_ptr": f"*{acc}",
              "P": "i32", "max_iter": "i32"}, {"ROWS": 16, "BLOCK": 128}),
+            (batch_norm._bn_double_backward_kernel,
+             {**{f"{n}_ptr": f"*{acc}" for n in ("a", "b", "c", "gy", "x", "mean", "invstd", "w",
+                                                   "dgy", "dx", "dw")},
+              "C": "i32", "S": "i32", "M": "i32"},
+             {"HAS_A": True, "HAS_B": True, "HAS_C": True, "HAS_W": True,
+              "BLOCK": batch_norm.BLOCK}),
         ]
     return out
 

@@ -22,6 +22,7 @@ from imaml_fast.cg import (CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_
                            acc_dtype, batched_dot, cg_solve, cg_update_ref)
 from imaml_fast.dense import dense_cg_ref
 from imaml_fast.inner import prox_update_ref
+from imaml_fast.layers import batch_norm_double_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -499,6 +500,246 @@ def test_dense_cg_rejects_bad_arguments_by_name():
         ops["dense_cg"](H, b, 1.0, 1.0, 5, -1.0)
     with pytest.raises(ValueError, match="b has dtype torch.float16"):
         ops["dense_cg"](H.half(), b.half(), 1.0, 1.0, 5, 1e-3)
+
+
+# ---- bn_double_backward --------------------------------------------------------------------------
+
+BN_SHAPES = [(5, 7, 3, 3), (4, 6), (1, 3, 2, 5), (3, 4, 1)]
+# which of the optional inputs are None
+BN_ABSENT = [(), ("a",), ("b",), ("c",), ("weight",), ("a", "b", "c", "weight")]
+
+
+def bn_inputs(shape, dtype, device, absent=(), seed=0):
+    """(a, b, c, gy, x, mean, invstd, weight) as BatchNorm's backward would see them: batch
+    statistics of x from native_batch_norm; gy and a with non-zero means (the centring terms
+    matter); the inputs named in `absent` are None."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+
+    def randn(*s, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) + shift).to(dtype).to(device)
+
+    x = 2 * randn(*shape, shift=0.25)
+    if x.numel():
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
+    else:
+        mean, invstd = randn(C), randn(C).abs()
+    t = {"a": randn(*shape, shift=0.2), "b": randn(C), "c": randn(C), "weight": randn(C, shift=1)}
+    for name in absent:
+        t[name] = None
+    return t["a"], t["b"], t["c"], randn(*shape, shift=0.3), x, mean, invstd, t["weight"]
+
+
+def bn_reference64(args):
+    """The reference evaluated in float64 on the same inputs."""
+    return batch_norm_double_backward(*(None if t is None else t.double() for t in args))
+
+
+def flat_rel(a, b):
+    return rel(a.reshape(1, -1), b.reshape(1, -1))
+
+
+@pytest.mark.parametrize("dtype,rtol", [pytest.param(torch.float64, 1e-12, id="f64"),
+                                        pytest.param(torch.float32, 2e-5, id="f32")])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("absent", BN_ABSENT,
+                         ids=lambda a: "none_" + "_".join(a) if a else "all_given")
+def test_bn_double_backward_matches_reference(be, dtype, rtol, shape, absent):
+    args = bn_inputs(shape, dtype, be.device, absent)
+    got = be.ops["bn_double_backward"](*args)
+    want = batch_norm_double_backward(*args)
+    exact = bn_reference64(args)
+    assert len(got) == 3
+    for name, g_, w_, e_ in zip(("dgy", "dx", "dw"), got, want, exact):
+        if w_ is None:
+            assert g_ is None, name
+            continue
+        assert g_.shape == w_.shape and g_.dtype == dtype and g_.is_contiguous(), name
+        assert g_.device.type == be.device.type, name
+        if not bool(e_.any()):  # an all-zero output (a, b and c absent; dw without a)
+            assert torch.equal(g_, torch.zeros_like(g_)), name
+            continue
+        assert flat_rel(g_, e_) <= rtol, (name, flat_rel(g_, e_))
+        assert flat_rel(g_, w_) <= (rtol if dtype == torch.float64 else 1e-4), name
+
+
+def test_bn_double_backward_takes_non_contiguous_inputs(be):
+    """A channels_last x and gy and a strided a: the wrapper makes contiguous copies and
+    returns contiguous outputs with the reference's values."""
+    a, b, c, gy, x, mean, invstd, w = bn_inputs((4, 5, 3, 6), torch.float64, be.device)
+    x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+    a = torch.cat([a, a], dim=3)[..., ::2]
+    assert not (x.is_contiguous() or gy.is_contiguous() or a.is_contiguous())
+    got = be.ops["bn_double_backward"](a, b, c, gy, x, mean, invstd, w)
+    want = batch_norm_double_backward(a, b, c, gy, x, mean, invstd, w)
+    for g_, w_ in zip(got, want):
+        assert g_.is_contiguous() and flat_rel(g_, w_) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bn_double_backward_same_bits_on_any_number_of_threads(monkeypatch, dtype):
+    """Above the twins' threading threshold (N * C * S >= 65,536), C not a multiple of the
+    thread count, S a multiple of 8 (the vectorisable row loop) and not (the generic loop),
+    and a 2-D input (S = 1)."""
+    module, _ = _ext.load()
+    ops = cpp_backend.load_ops()
+    runs = {}
+    shapes = [(16, 7, 33, 19), (64, 5, 256), (22000, 3)]
+    inputs = [bn_inputs(s, dtype, "cpu", seed=i) for i, s in enumerate(shapes)]
+    try:
+        for n in (1, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+            runs[n] = [t for args in inputs for t in ops["bn_double_backward"](*args)]
+            assert module.cpu_threads() == n
+    finally:
+        module.set_cpu_threads(1)
+    assert all(torch.equal(u, v) for u, v in zip(runs[3], runs[1]))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for k, args in enumerate(inputs):
+        for got, want in zip(runs[1][3 * k:3 * k + 3], bn_reference64(args)):
+            assert flat_rel(got, want) <= tol
+
+
+def test_bn_double_backward_row_loops_sum_alike():
+    """The CPU twin has two element loops (S a multiple of 8: rows of lane_loop's shape; other
+    S: one running lane counter); both put element m = n * S + s of a channel in lane m % 8, in
+    the same order. The same channel data as [N, C, 8] and as [2N, C, 4] (same m order) must
+    give the same bits."""
+    ops = cpp_backend.load_ops()
+    N, C = 9, 4
+    args = bn_inputs((N, C, 8), torch.float64, "cpu")
+
+    def split(t):  # [N, C, 8] -> [2N, C, 4] with the same per-channel order m = 8 n + 4 j + k
+        return t.reshape(N, C, 2, 4).permute(0, 2, 1, 3).reshape(2 * N, C, 4)
+
+    got8 = ops["bn_double_backward"](*args)
+    got4 = ops["bn_double_backward"](*(split(t) if t is not None and t.dim() == 3 else t
+                                       for t in args))
+    assert torch.equal(split(got8[0]), got4[0]) and torch.equal(split(got8[1]), got4[1])
+    assert torch.equal(got8[2], got4[2])
+
+
+def test_bn_double_backward_falls_back_to_the_reference(be):
+    """float16/bfloat16, mixed dtypes, inputs that need autograd and empty inputs are the
+    reference's: same values (it is the reference), and gradients flow."""
+    for dtype in (torch.float16, torch.bfloat16):
+        args = bn_inputs((4, 3, 5), dtype, be.device)
+        got = be.ops["bn_double_backward"](*args)
+        want = batch_norm_double_backward(*args)
+        assert all(torch.equal(u, v) for u, v in zip(got, want))
+    a, b, c, gy, x, mean, invstd, w = bn_inputs((4, 3, 5), torch.float64, be.device)
+    got = be.ops["bn_double_backward"](a, b.float(), c, gy, x, mean, invstd, w)  # mixed
+    want = batch_norm_double_backward(a, b.float(), c, gy, x, mean, invstd, w)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    a.requires_grad_()
+    dgy, dx, dw = be.ops["bn_double_backward"](a, b, c, gy, x, mean, invstd, w)
+    assert dgy.requires_grad and dx.requires_grad and dw.requires_grad
+    with torch.no_grad():  # under no_grad the kernel runs
+        out = be.ops["bn_double_backward"](a, b, c, gy, x, mean, invstd, w)
+    assert not out[0].requires_grad and flat_rel(out[1], dx.detach()) <= 1e-12
+    a = a.detach()
+    xg = x.clone().requires_grad_()  # eps: the reference recomputes the statistics from x
+    got = be.ops["bn_double_backward"](a, b, c, gy, xg, mean, invstd, w, eps=1e-5)
+    want = batch_norm_double_backward(a, b, c, gy, xg, mean, invstd, w, eps=1e-5)
+    assert got[1].requires_grad and all(torch.equal(u, v) for u, v in zip(got, want))
+    with torch.no_grad():
+        out = be.ops["bn_double_backward"](a, b, c, gy, xg, mean, invstd, w, eps=1e-5)
+    assert all(flat_rel(u, v.detach()) <= 1e-12 for u, v in zip(out, want))
+    args = bn_inputs((4, 3, 5), torch.float64, be.device)  # under vmap: BatchedTensors
+    batched = [t.unsqueeze(0).expand(2, *t.shape) for t in args]
+    got = torch.func.vmap(be.ops["bn_double_backward"])(*batched)
+    want = batch_norm_double_backward(*args)
+    assert all(torch.equal(u[1], v) for u, v in zip(got, want))
+
+    class Twice(torch.autograd.Function):  # autograd's batched cotangents (legacy batching)
+        @staticmethod
+        def forward(ctx, t):
+            return 2 * t
+
+        @staticmethod
+        def backward(ctx, v):
+            return be.ops["bn_double_backward"](v, *args[1:])[0]
+
+    gy = args[3].clone().requires_grad_()
+    vs = torch.randn(2, *gy.shape, dtype=gy.dtype, device=gy.device)
+    got, = torch.autograd.grad(Twice.apply(gy), gy, vs, is_grads_batched=True)
+    for k in range(2):
+        assert flat_rel(got[k], batch_norm_double_backward(vs[k], *args[1:])[0]) <= 1e-12
+    empty = bn_inputs((0, 3, 5), torch.float64, be.device)
+    got = be.ops["bn_double_backward"](*empty)
+    want = batch_norm_double_backward(*empty)
+    assert got[0].shape == (0, 3, 5) and got[1].shape == (0, 3, 5)
+    torch.testing.assert_close(got[2], want[2], equal_nan=True)
+
+
+def test_bn_double_backward_rejects_bad_arguments_by_name():
+    ops = cpp_backend.load_ops()
+    a, b, c, gy, x, mean, invstd, w = bn_inputs((4, 3, 5), torch.float64, "cpu")
+    with pytest.raises(ValueError, match=r"gy has shape \(4, 3, 4\), expected \(4, 3, 5\)"):
+        ops["bn_double_backward"](a, b, c, gy[..., :4], x, mean, invstd, w)
+    with pytest.raises(ValueError, match=r"weight has shape \(4,\), expected \(3,\)"):
+        ops["bn_double_backward"](a, b, c, gy, x, mean, invstd, torch.ones(4, dtype=x.dtype))
+    with pytest.raises(ValueError, match=r"mean must be a torch.Tensor, got NoneType"):
+        ops["bn_double_backward"](a, b, c, gy, x, None, invstd, w)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, ...\]"):
+        ops["bn_double_backward"](None, None, None, gy[0, 0], x[0, 0], mean, invstd, None)
+    with pytest.raises(ValueError, match="x is on cpu, but the cuda backend needs cuda tensors"):
+        cuda_backend.bn_double_backward(a, b, c, gy, x, mean, invstd, w)
+
+
+def test_bn_double_backward_c_abi_codes():
+    """The raw bindings: a NULL required pointer, an unsupported dtype and bad sizes raise
+    with the C ABI's code and message (before any CUDA call, so the CUDA entry point says the
+    same on a machine without a GPU); no elements (N * S = 0) writes dw = 0 only."""
+    module, _ = _ext.load()
+    a, b, c, gy, x, mean, invstd, w = bn_inputs((4, 3, 5), torch.float64, "cpu")
+    dgy, dx, dw = torch.empty_like(x), torch.empty_like(x), torch.empty(3, dtype=x.dtype)
+    p = [t.data_ptr() for t in (a, b, c, gy, x, mean, invstd, w, dgy, dx, dw)]
+    has_cuda = _ext.build_info()["cuda"]
+    for fn, extra in ((module.bn_double_backward_cpu, ()), (module.bn_double_backward_cuda, (0,))):
+        if fn is module.bn_double_backward_cuda and not has_cuda:
+            with pytest.raises(RuntimeError, match="built without CUDA"):
+                fn(1, *p, 4, 3, 5, *extra)
+            continue
+        no_x = p[:4] + [0] + p[5:]
+        with pytest.raises(RuntimeError, match=r"\(code -3\): a required pointer is NULL"):
+            fn(1, *no_x, 4, 3, 5, *extra)
+        with pytest.raises(RuntimeError, match=r"\(code -1\): dtype not supported"):
+            fn(2, *p, 4, 3, 5, *extra)
+        with pytest.raises(RuntimeError, match=r"\(code -2\): bad sizes"):
+            fn(1, *p, 4, -3, 5, *extra)
+    # The CPU twin: a, b, c, weight and dw may be NULL; N * S = 0 writes dw = 0.
+    dw.fill_(7.0)
+    module.bn_double_backward_cpu(1, *[0] * 10, p[10], 0, 3, 5)
+    assert torch.equal(dw, torch.zeros(3, dtype=dw.dtype))
+    module.bn_double_backward_cpu(1, 0, 0, 0, *p[3:7], 0, p[8], p[9], 0, 4, 3, 5)
+    assert torch.equal(dgy, torch.zeros_like(dgy)) and torch.equal(dx, torch.zeros_like(dx))
+
+
+def test_torch_backend_has_the_reference_bn_double_backward():
+    from imaml_fast.backends import resolve_backend
+    ops = resolve_backend("torch", "cpu", torch.float32).ops()
+    assert ops["bn_double_backward"] is batch_norm_double_backward
+    assert "bn_double_backward" in cpp_backend.load_ops()
+    assert "bn_double_backward" in cuda_backend.load_ops()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_bn_double_backward_is_deterministic_at_scale(dtype):
+    """Large channels (M = 50,176, many blocks' worth of elements per block), a 2-D input with
+    a tall batch (strided columns), and C above any single-wave grid: the same bits twice,
+    and the float64 reference's values."""
+    ops = cuda_backend.load_ops()
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for shape in [(64, 16, 28, 28), (4096, 300), (2, 70000, 3)]:
+        args = bn_inputs(shape, dtype, "cuda")
+        one = ops["bn_double_backward"](*args)
+        two = ops["bn_double_backward"](*args)
+        assert all(torch.equal(u, v) for u, v in zip(one, two)), shape
+        for got, want in zip(one, bn_reference64(args)):
+            assert flat_rel(got, want) <= tol, shape
 
 
 # ---- GPU only: low precision -------------------------------------------------------------------

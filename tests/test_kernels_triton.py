@@ -205,6 +205,79 @@ def test_dense_meta_gradient_with_triton_matches_torch():
     assert torch.equal(a.cg_iters, b.cg_iters)
 
 
+# ---- bn_double_backward: BatchNorm's double backward -------------------------------------------
+
+def bn_inputs(shape, dtype, absent=(), seed=0):
+    """(a, b, c, gy, x, mean, invstd, weight) with x's batch statistics; gy and a with
+    non-zero means; the inputs named in `absent` are None."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+
+    def randn(*s, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) + shift).to(dtype).to(DEVICE)
+
+    x = 2 * randn(*shape, shift=0.25)
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
+    t = {"a": randn(*shape, shift=0.2), "b": randn(C), "c": randn(C), "weight": randn(C, shift=1)}
+    for name in absent:
+        t[name] = None
+    return t["a"], t["b"], t["c"], randn(*shape, shift=0.3), x, mean, invstd, t["weight"]
+
+
+BN_ABSENT = [(), ("a",), ("b",), ("c",), ("weight",), ("a", "b", "c", "weight")]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (4, 6), (1, 3, 2, 5), (3, 4, 1), (3, 2, 700)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("absent", BN_ABSENT,
+                         ids=lambda a: "none_" + "_".join(a) if a else "all_given")
+def test_bn_double_backward_matches_reference(dtype, tol, shape, absent):
+    from imaml_fast.layers import batch_norm_double_backward
+    args = bn_inputs(shape, dtype, absent)
+    ops = resolve_backend("triton", DEVICE, dtype).ops()
+    got = ops["bn_double_backward"](*args)  # (3, 2, 700): M = 2,100 > BLOCK, three blocks
+    exact = batch_norm_double_backward(*(None if t is None else t.double() for t in args))
+    for name, g_, e_ in zip(("dgy", "dx", "dw"), got, exact):
+        if e_ is None:
+            assert g_ is None, name
+            continue
+        assert g_.shape == e_.shape and g_.dtype == dtype and g_.is_contiguous(), name
+        if not bool(e_.any()):
+            assert torch.equal(g_, torch.zeros_like(g_)), name
+        else:
+            assert rel_err(g_.double(), e_) <= tol, (name, rel_err(g_.double(), e_))
+
+
+def test_bn_double_backward_falls_back_and_checks_shapes():
+    from imaml_fast.layers import batch_norm_double_backward
+    args = bn_inputs((4, 3, 5), torch.float16 if GPU else torch.bfloat16)
+    got = kernels.bn_double_backward(*args)  # not float32/float64: the reference
+    assert all(torch.equal(u, v) for u, v in zip(got, batch_norm_double_backward(*args)))
+    args = bn_inputs((4, 3, 5), torch.float64)  # under vmap: BatchedTensors
+    got = torch.func.vmap(kernels.bn_double_backward)(*(t.expand(2, *t.shape) for t in args))
+    assert all(torch.equal(u[1], v) for u, v in zip(got, batch_norm_double_backward(*args)))
+    a, b, c, gy, x, mean, invstd, w = bn_inputs((4, 3, 5), torch.float32)
+    with pytest.raises(ValueError, match=r"gy must be \(4, 3, 5\)"):
+        kernels.bn_double_backward(a, b, c, gy[:2], x, mean, invstd, w)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, ...\]"):
+        kernels.bn_double_backward(None, None, None, gy[0, 0], x[0, 0], mean, invstd, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_bn_double_backward_on_gpu_at_scale():
+    from imaml_fast.layers import batch_norm_double_backward
+    for shape in [(64, 16, 28, 28), (4096, 300)]:
+        args = bn_inputs(shape, torch.float32)
+        one = kernels.bn_double_backward(*args)
+        two = kernels.bn_double_backward(*args)
+        assert all(torch.equal(u, v) for u, v in zip(one, two))
+        exact = batch_norm_double_backward(*(t.double() for t in args))
+        for g_, e_ in zip(one, exact):
+            assert rel_err(g_.double(), e_) <= 1e-4
+
+
 # Every kernel compiled ahead of time for real GPU targets (PTX and cubin with the ptxas that
 # ships with triton): the interpreter accepts programs the compiler rejects, and this machine
 # may have no GPU, so this is how CI checks that the kernels build for sm_80 and sm_90. It runs
@@ -219,4 +292,4 @@ def test_kernels_compile_for_gpu_targets():
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("compiled")]
-    assert len(lines) == 2 * 16, out.stdout  # 16 kernel variants x 2 architectures
+    assert len(lines) == 2 * 18, out.stdout  # 18 kernel variants x 2 architectures

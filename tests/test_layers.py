@@ -345,3 +345,29 @@ def test_mode_routes_numeric_padding_convolutions_only():
     assert "ConvFn" in str(y.grad_fn)
     assert "ConvFn" not in str(same.grad_fn)
     assert torch.allclose(y, same)
+
+
+def test_backend_kernel_runs_products_and_formula_runs_graphs():
+    """A backend's fused BatchNorm double backward is called for products (no graph being
+    built) and never where the result must be differentiable again."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(torch.is_grad_enabled())
+        return batch_norm_double_backward(*args)
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 3, 3, generator=g, dtype=D, requires_grad=True)
+    bn = nn.BatchNorm2d(3, track_running_stats=False).double()
+    t = torch.randn(4, 3, 3, 3, generator=g, dtype=D)
+    with closed_form_layers(bn_kernel=kernel):
+        y = bn(x)
+    (gx,) = torch.autograd.grad((torch.tanh(y) * t).sum(), x, create_graph=True)
+    u = torch.randn(x.shape, generator=g, dtype=D)
+    (hx,) = torch.autograd.grad(gx, x, u, retain_graph=True)
+    assert calls == [False]
+    y2 = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    (gx2,) = torch.autograd.grad((torch.tanh(y2) * t).sum(), x, create_graph=True)
+    assert torch.allclose(hx, torch.autograd.grad(gx2, x, u)[0], rtol=1e-10)
+    torch.autograd.grad(gx, x, u, create_graph=True)  # a graph: the formula, not the kernel
+    assert calls == [False]

@@ -169,4 +169,34 @@ PYBIND11_MODULE(_C, m) {
         py::arg("residual"), py::arg("status"), py::arg("T"), py::arg("P"), py::arg("shift"),
         py::arg("scale"), py::arg("max_iter"), py::arg("tol"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("stream"));
+
+  // ---- bn_double_backward (a, b, c, weight and dw may be 0: absent)
+  m.def("bn_double_backward_cpu",
+        [](int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t gy,
+           std::uintptr_t x, std::uintptr_t mean, std::uintptr_t invstd, std::uintptr_t weight,
+           std::uintptr_t dgy, std::uintptr_t dx, std::uintptr_t dw, int64_t N, int64_t C,
+           int64_t S) {
+          call("bn_double_backward_cpu", [&] {
+            return bn_double_backward_cpu(dtype, ptr(a), ptr(b), ptr(c), ptr(gy), ptr(x),
+                                          ptr(mean), ptr(invstd), ptr(weight), ptr(dgy), ptr(dx),
+                                          ptr(dw), N, C, S);
+          });
+        },
+        py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("gy"), py::arg("x"),
+        py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("dgy"), py::arg("dx"),
+        py::arg("dw"), py::arg("N"), py::arg("C"), py::arg("S"));
+  m.def("bn_double_backward_cuda",
+        [](int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t gy,
+           std::uintptr_t x, std::uintptr_t mean, std::uintptr_t invstd, std::uintptr_t weight,
+           std::uintptr_t dgy, std::uintptr_t dx, std::uintptr_t dw, int64_t N, int64_t C,
+           int64_t S, std::uintptr_t stream) {
+          call("bn_double_backward_cuda", [&] {
+            return bn_double_backward_cuda(dtype, ptr(a), ptr(b), ptr(c), ptr(gy), ptr(x),
+                                           ptr(mean), ptr(invstd), ptr(weight), ptr(dgy),
+                                           ptr(dx), ptr(dw), N, C, S, ptr(stream));
+          });
+        },
+        py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("gy"), py::arg("x"),
+        py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("dgy"), py::arg("dx"),
+        py::arg("dw"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("stream"));
 }

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "imaml_fast/imaml_fast.h"
 
@@ -23,6 +24,18 @@ inline bool dense_sizes_ok(int64_t T, int64_t P) {
   if (P == 0 || T == 0) return true;
   if (P > (int64_t(1) << 30)) return false;
   return T <= (std::numeric_limits<int64_t>::max() / 4) / P / P;
+}
+
+// bn_double_backward: N, C, S >= 0 and N * C * S fits int64 comfortably.
+inline bool bn_sizes_ok(int64_t N, int64_t C, int64_t S) {
+  return sizes_ok(N, C) && sizes_ok(N * C, S);
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns run-time flags (an optional input
+// is present) into template arguments, so that kernels drop the absent terms at compile time.
+template <typename F>
+inline auto bool_dispatch(bool v, F&& f) {
+  return v ? f(std::true_type{}) : f(std::false_type{});
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -24,4 +24,10 @@ int dense_cg_cuda(int, const void*, const void*, void*, int64_t*, void*, int8_t*
   return IMF_ERR_NO_CUDA;
 }
 
+int bn_double_backward_cuda(int, const void*, const void*, const void*, const void*, const void*,
+                            const void*, const void*, const void*, void*, void*, void*, int64_t,
+                            int64_t, int64_t, void*) {
+  return IMF_ERR_NO_CUDA;
+}
+
 }  // extern "C"

@@ -49,9 +49,11 @@ def _torch_ops():
     from ..cg import batched_dot, cg_update_ref
     from ..dense import dense_cg_ref
     from ..inner import prox_update_ref
+    from ..layers import batch_norm_double_backward
 
     return {"cg_update": cg_update_ref, "prox_update": prox_update_ref,
-            "batched_dot": batched_dot, "dense_cg": dense_cg_ref}
+            "batched_dot": batched_dot, "dense_cg": dense_cg_ref,
+            "bn_double_backward": batch_norm_double_backward}
 
 
 register_backend(Backend(

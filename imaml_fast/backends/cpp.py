@@ -6,11 +6,16 @@ Ops (what `load_ops()` returns; every tensor contiguous, [T, P] row-major):
     batched_dot(a, b) -> [T]                             per-task dot products (acc dtype)
     cg_update(x, r, p, Ap, rs, status, iters, thresh)    one masked CG iteration, in place
     dense_cg(H, b, shift, scale, max_iter, tol)          a whole CG solve per task, H [T, P, P]
+    bn_double_backward(a, b, c, gy, x, mean, invstd, weight) -> (dgy, dx, dw or None)
+                                                         BatchNorm's double backward, x [N, C, ...]
 
 `cg_update` runs the two-pass fused formulation written out in csrc/src/cg_scalars.h; its
 pure-PyTorch twin is `cg_update_fused_ref` below (tests compare the kernels with it to 1e-12
 in fp64, and with imaml_fast.cg.cg_update_ref for flags and iteration counts). dense_cg's
-reference is imaml_fast.dense.dense_cg_ref (cg_solve with a dense matvec).
+reference is imaml_fast.dense.dense_cg_ref (cg_solve with a dense matvec). bn_double_backward's
+is imaml_fast.layers.batch_norm_double_backward (same signature and return convention); the
+kernels take float32/float64, and the wrapper hands other dtypes (and inputs that need autograd
+or have no elements) to that reference.
 
 This module is imported with imaml_fast; it never imports imaml_fast._C or touches CUDA at
 import time. The shared wrapper code here (argument checks, calls into _C) also serves the
@@ -52,7 +57,7 @@ def load_ops() -> Dict[str, object]:
     """The CPU twin's ops; RuntimeError when imaml_fast._C is not built."""
     _module()
     return {"cg_update": cg_update, "prox_update": prox_update, "batched_dot": batched_dot,
-            "dense_cg": dense_cg}
+            "dense_cg": dense_cg, "bn_double_backward": bn_double_backward}
 
 
 def _threads() -> None:
@@ -87,6 +92,14 @@ def dense_cg(H, b, shift, scale, max_iter, tol):
     Returns (x, iters, residual, status)."""
     _threads()
     return _dense_cg("cpu", H, b, shift, scale, max_iter, tol)
+
+
+def bn_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
+    """The vector-Jacobian product of BatchNorm's backward pass on the CPU twin (channels over
+    the threads); same signature and results as imaml_fast.layers.batch_norm_double_backward
+    (inputs that need autograd go to it). Returns (dgy, dx, dw or None)."""
+    _threads()
+    return _bn_double_backward("cpu", a, b, c, gy, x, mean, invstd, weight, eps)
 
 
 # ---- pure-PyTorch references ----------------------------------------------------------------------
@@ -363,3 +376,70 @@ def _dense_cg(kind, H, b, shift, scale, max_iter, tol):
             ws, nbytes = launch.workspace(module.dense_cg_cuda_workspace_size(code, T, P))
             module.dense_cg_cuda(*args, ws, nbytes, launch.stream())
     return x, iters, residual, status
+
+
+BN_DTYPES = (torch.float32, torch.float64)
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _transformed(t) -> bool:
+    """Whether t is a torch.func wrapper (a BatchedTensor under vmap, a grad-tracking one
+    under grad) or autograd's batched cotangent (torch.autograd.grad(is_grads_batched=True)):
+    no storage of its own, so the kernels cannot take its data pointer."""
+    return _functorch is not None and (_functorch.is_functorch_wrapped_tensor(t)
+                                       or _functorch.is_legacy_batchedtensor(t))
+
+
+def _bn_double_backward(kind, a, b, c, gy, x, mean, invstd, weight, eps=None):
+    """Shared by the cpp and cuda backends: checks, then the kernel on contiguous copies, or
+    imaml_fast.layers.batch_norm_double_backward where the kernels do not apply (a dtype other
+    than float32/float64 or mixed dtypes, inputs that need autograd, no elements, torch.func
+    wrappers such as vmap's BatchedTensors). eps is the
+    reference's: it matters only on its differentiable path (grad mode on, x requiring grad),
+    which is one of those cases; the kernels use mean and invstd as given."""
+    from ..layers import batch_norm_double_backward as reference
+
+    op = "bn_double_backward"
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be [N, C, ...] (batch, channels, spatial...), got {got}")
+    if x.device.type != kind:
+        raise ValueError(f"{op}: x is on {x.device}, but the {_BACKEND[kind]} backend needs "
+                         f"{kind} tensors (move it with .to('{kind}'))")
+    C = x.shape[1]
+    named = [("a", a, tuple(x.shape)), ("b", b, (C,)), ("c", c, (C,)), ("gy", gy, tuple(x.shape)),
+             ("mean", mean, (C,)), ("invstd", invstd, (C,)), ("weight", weight, (C,))]
+    for name, t, shape in named:
+        if t is None and name in ("a", "b", "c", "weight"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    tensors = [x] + [t for _, t, _ in named if t is not None]
+    if (x.dtype not in BN_DTYPES or any(t.dtype != x.dtype for t in tensors) or x.numel() == 0
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or any(_transformed(t) for t in tensors)):
+        return reference(a, b, c, gy, x, mean, invstd, weight, eps)
+    module = _module()
+    N = x.shape[0]
+    S = math.prod(x.shape[2:])
+    x, gy, mean, invstd = (t.contiguous() for t in (x, gy, mean, invstd))
+    a, b, c, weight = (None if t is None else t.contiguous() for t in (a, b, c, weight))
+    dgy = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = None if weight is None else torch.empty(C, dtype=x.dtype, device=x.device)
+
+    def p(t):
+        return 0 if t is None else t.data_ptr()
+
+    args = (_ext.DTYPE_CODES[x.dtype], p(a), p(b), p(c), p(gy), p(x), p(mean), p(invstd),
+            p(weight), p(dgy), p(dx), p(dw), N, C, S)
+    with _Launch(kind, x.device) as launch:
+        if kind == "cpu":
+            module.bn_double_backward_cpu(*args)
+        else:
+            module.bn_double_backward_cuda(*args, launch.stream())
+    return dgy, dx, dw

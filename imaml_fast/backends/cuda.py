@@ -4,7 +4,9 @@ allocator, so they are safe to capture in CUDA graphs and make no host synchroni
 
 Same ops and signatures as the cpp backend (imaml_fast.backends.cpp), whose CPU twins test
 the same formulation everywhere: prox_update, batched_dot and cg_update take float32, float64,
-float16 and bfloat16 (float32 accumulation for the last two); dense_cg float32 and float64.
+float16 and bfloat16 (float32 accumulation for the last two); dense_cg float32 and float64;
+bn_double_backward float32 and float64 (one thread block per channel; other dtypes go to its
+reference, imaml_fast.layers.batch_norm_double_backward).
 
 Importing this module does not import imaml_fast._C and does not initialise CUDA; why_not()
 loads the extension, and asks for the device's compute capability only for CUDA devices.
@@ -16,7 +18,8 @@ from typing import Dict, List
 import torch
 
 from .. import _ext
-from .cpp import CUDA_DTYPES, _batched_dot, _cg_update, _dense_cg, _module, _prox_update
+from .cpp import (CUDA_DTYPES, _batched_dot, _bn_double_backward, _cg_update, _dense_cg, _module,
+                  _prox_update)
 
 
 def why_not(device, dtype) -> List[str]:
@@ -69,7 +72,7 @@ def load_ops() -> Dict[str, object]:
     """The CUDA kernels' ops; RuntimeError when imaml_fast._C is not built."""
     _module()
     return {"cg_update": cg_update, "prox_update": prox_update, "batched_dot": batched_dot,
-            "dense_cg": dense_cg}
+            "dense_cg": dense_cg, "bn_double_backward": bn_double_backward}
 
 
 def prox_update(phi, g, theta, lr, lam):
@@ -92,3 +95,10 @@ def dense_cg(H, b, shift, scale, max_iter, tol):
     """The whole solve of (shift I + scale H_t) x_t = b_t in one launch (one block per task).
     Returns (x, iters, residual, status)."""
     return _dense_cg("cuda", H, b, shift, scale, max_iter, tol)
+
+
+def bn_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
+    """The vector-Jacobian product of BatchNorm's backward pass in one launch (one thread block
+    per channel); same signature and results as imaml_fast.layers.batch_norm_double_backward
+    (inputs that need autograd go to it). Returns (dgy, dx, dw or None)."""
+    return _bn_double_backward("cuda", a, b, c, gy, x, mean, invstd, weight, eps)

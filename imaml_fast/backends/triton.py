@@ -1,6 +1,8 @@
-"""The "triton" backend: the fused CG iteration and the proximal inner update as Triton
-kernels (kernels/, installed as imaml_fast.kernels), the rest of the batched engine as in
-"torch". triton is imported only when these ops are first asked for."""
+"""The "triton" backend: the fused CG iteration, the proximal inner update, the dense CG solve
+and BatchNorm's double backward (bn_double_backward, float32/float64; other dtypes go to
+imaml_fast.layers.batch_norm_double_backward) as Triton kernels (kernels/, installed as
+imaml_fast.kernels), the rest of the batched engine as in "torch". triton is imported only
+when these ops are first asked for."""
 from __future__ import annotations
 
 import importlib.util
@@ -42,4 +44,5 @@ def load_ops():
     from .. import kernels
 
     return {"cg_update": kernels.cg_update, "prox_update": kernels.prox_update,
-            "batched_dot": kernels.batched_dot, "dense_cg": kernels.dense_cg}
+            "batched_dot": kernels.batched_dot, "dense_cg": kernels.dense_cg,
+            "bn_double_backward": kernels.bn_double_backward}

@@ -107,6 +107,33 @@ int dense_cg_cuda(int dtype, const void* H, const void* b, void* x, int64_t* ite
                   double scale, int64_t max_iter, double tol, void* workspace,
                   size_t workspace_bytes, void* stream);
 
+/* ---- bn_double_backward: the vector-Jacobian product of BatchNorm's backward pass ----------
+ * BatchNorm with batch statistics over M = N * S elements per channel; its backward pass is
+ * gx = g r (gy - <gy> - xh <gy xh>), gweight = M <gy xh>, gbias = M <gy>, with
+ * xh = (x - mean) invstd, r = invstd, g = weight and <.> the per-channel mean. Given the
+ * cotangents a, b, c of (gx, gweight, gbias) this computes, per channel, with abar = <a>,
+ * gbar = <gy>, P = <gy xh>, Q = <a xh>, A = <a gy>:
+ *   dgy = g r (a - abar - xh Q) + b xh + c
+ *   dx  = g r^2 (-xh (A - abar gbar - 3 P Q) - Q (gy - gbar) - P (a - abar))
+ *         + b r (gy - gbar - xh P)
+ *   dw  = r M (A - abar gbar - P Q)
+ * (semantics: imaml_fast.layers.batch_norm_double_backward).
+ * x, gy, a, dgy, dx: contiguous [N, C, S] (S = product of the spatial dims, 1 for [N, C]);
+ * mean, invstd, weight, b, c, dw: [C]. a, b, c may be NULL (zero: their terms are dropped);
+ * weight may be NULL (g = 1); dw may be NULL (not written); dw = 0 when a is NULL. With
+ * M == 0 only dw is written (0). Two passes over each channel's data: the five sums (acc
+ * type), then dgy and dx. CPU: channels spread over the threads (each channel on one
+ * thread: bit-identical for any thread count). CUDA: one thread block per channel,
+ * deterministic block reductions. float32/float64 only (IMF_ERR_DTYPE otherwise). */
+int bn_double_backward_cpu(int dtype, const void* a, const void* b, const void* c, const void* gy,
+                           const void* x, const void* mean, const void* invstd,
+                           const void* weight, void* dgy, void* dx, void* dw, int64_t N,
+                           int64_t C, int64_t S);
+int bn_double_backward_cuda(int dtype, const void* a, const void* b, const void* c,
+                            const void* gy, const void* x, const void* mean, const void* invstd,
+                            const void* weight, void* dgy, void* dx, void* dw, int64_t N,
+                            int64_t C, int64_t S, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
