@@ -30,10 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from floor import model_floor  # noqa: E402
+from floor import floor_passes, model_floor  # noqa: E402
 from peers import DEFAULT, implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, bullet_list, Settings, median, meta_line, omniglot_episode,  # noqa: E402
                           pyplot, rel_diff, run_meta, time_round_robin, write_json, write_text)
+
+FLOOR = "floor (model passes)"
 
 SETTINGS = {  # name: (n_way, inner_steps)
     "omniglot-5w1s": (5, 16),
@@ -124,12 +126,14 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4):
         log(f"    {n:24s} meta-gradient {_f(c['float32_vs_reference'])}   adapted parameters "
             f"{_f(c['float32_adapted_vs_reference'])}")
 
-    times = time_round_robin({n: (lambda impl=impl: impl(*ep)) for n, impl in impls.items()},
-                             repeats, log=log)
+    # The floor's model passes run in the same rounds as the implementations (a slow spell
+    # of this shared machine then hits them alike), then the FLOP bound.
+    runs = {n: (lambda impl=impl: impl(*ep)) for n, impl in impls.items()}
+    runs[FLOOR] = floor_passes(model, ep, steps, s.cg_steps)
+    times = time_round_robin(runs, repeats, log=log)
     t_def = median(times[DEFAULT]) if DEFAULT in times else None
     t_ref = median(times[REFERENCE]) if REFERENCE in times else None
-    # The floor, measured in the same run: the model passes alone, and the FLOP bound.
-    floor = model_floor(model, ep, steps, s.cg_steps)
+    floor = model_floor(model, ep, steps, s.cg_steps, times=times.pop(FLOOR))
     log(f"  floor: model compute alone {floor['compute_s']:.3f} s, FLOP bound "
         f"{floor['flop_bound_s']:.3f} s ({floor['flops'] / 1e9:.1f} GFLOP at "
         f"{floor['matmul_gflops']:.0f} GFLOP/s)")
@@ -177,7 +181,8 @@ def speed_markdown(payload):
             ref = next((r["median_s"] for r in res["rows"] if r["impl"] == REFERENCE), None)
             out.append(
                 f"\nFloor, same run: the model passes alone (shared weights, all tasks' images in "
-                f"one batch, plain torch calls) take {fl['compute_s']:.3f} s "
+                f"one batch, plain torch calls, the products' graph built with imaml_fast.layers as "
+                f"the engine builds it; timed in the same rounds) take {fl['compute_s']:.3f} s "
                 f"({fl['compute_gflops']:.0f} GFLOP/s); their {fl['flops'] / 1e9:.1f} GFLOP of "
                 f"convolutions and matmuls at this machine's {fl['matmul_gflops']:.0f} GFLOP/s "
                 f"matrix-multiply rate take {fl['flop_bound_s']:.3f} s"

@@ -5,7 +5,9 @@ An iMAML-GD meta-step with K inner steps and C CG steps needs, per task, K suppo
 through that graph, and one query gradient. `model_compute` times exactly those passes as
 plain torch calls on ONE shared set of weights over all T tasks' images stacked into one
 batch (no per-task weights, no vmap, no solver): the time torch's own kernels need for the
-arithmetic, which no iMAML implementation built on them can beat by batching alone.
+arithmetic, which no iMAML implementation built on them can beat by batching alone. The
+graph the products differentiate is built as the engine builds it by default
+(imaml_fast.layers: convolution and BatchNorm with written-out second derivatives).
 `flops` counts the matmul/convolution FLOPs of the same passes (torch.utils.flop_counter),
 and `matmul_gflops` measures this machine's float32 matrix-multiply rate (n x n products),
 so flops / rate is the time the arithmetic would take at matrix-multiply speed.
@@ -36,28 +38,55 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float
     return 2 * n ** 3 / best / 1e9
 
 
+def _layers(model):
+    """The engine's default formulation of the graph the products differentiate:
+    imaml_fast.layers' convolution and BatchNorm (second derivatives written out, BatchNorm's
+    run by the default backend's fused kernel), so that the floor is one of the same
+    formulation rather than of PyTorch's own double backward."""
+    from imaml_fast.backends import resolve_backend
+    from imaml_fast.layers import closed_form_layers
+
+    p = next(model.parameters())
+    ops = resolve_backend("auto", p.device, p.dtype).ops()
+    return closed_form_layers(ops.get("bn_double_backward"))
+
+
 def _passes(model, xs, ys, xq, yq, inner_steps: int, cg_steps: int):
     params = list(model.parameters())
     for _ in range(inner_steps):
         torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
-    g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params, create_graph=True)
+    with _layers(model):
+        out = model(xs)
+    g = torch.autograd.grad(F.cross_entropy(out, ys), params, create_graph=True)
     v = [torch.ones_like(t) for t in g]
     for _ in range(cg_steps):
         torch.autograd.grad(g, params, v, retain_graph=True)
     torch.autograd.grad(F.cross_entropy(model(xq), yq), params)
 
 
-def model_floor(model, episode, inner_steps: int, cg_steps: int, repeats: int = 3) -> dict:
-    """Time (median after a warm-up) and matmul/conv FLOPs of one meta-step's model passes
-    with shared weights; episode = (x_s [T, N, ...], y_s [T, N], x_q, y_q)."""
+def floor_passes(model, episode, inner_steps: int, cg_steps: int):
+    """A zero-argument callable running one meta-step's model passes with shared weights
+    (warmed up), for timing beside the implementations in the same rounds."""
     xs, ys, xq, yq = (t.reshape(-1, *t.shape[2:]) for t in episode)
     args = (model, xs, ys, xq, yq, inner_steps, cg_steps)
     _passes(*args)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _passes(*args)
-        times.append(time.perf_counter() - t0)
+    return lambda: _passes(*args)
+
+
+def model_floor(model, episode, inner_steps: int, cg_steps: int, repeats: int = 3,
+                times=None) -> dict:
+    """Time (median after a warm-up) and matmul/conv FLOPs of one meta-step's model passes
+    with shared weights; episode = (x_s [T, N, ...], y_s [T, N], x_q, y_q). times: timings
+    already taken (floor_passes in the implementations' rounds) instead of `repeats` new ones."""
+    xs, ys, xq, yq = (t.reshape(-1, *t.shape[2:]) for t in episode)
+    args = (model, xs, ys, xq, yq, inner_steps, cg_steps)
+    if times is None:
+        run = floor_passes(model, episode, inner_steps, cg_steps)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
     counter = FlopCounterMode(display=False)
     with counter:
         _passes(*args)

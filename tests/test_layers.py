@@ -371,3 +371,22 @@ def test_backend_kernel_runs_products_and_formula_runs_graphs():
     assert torch.allclose(hx, torch.autograd.grad(gx2, x, u)[0], rtol=1e-10)
     torch.autograd.grad(gx, x, u, create_graph=True)  # a graph: the formula, not the kernel
     assert calls == [False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_meta_gradient_on_gpu_same_with_either_layer_derivatives(backend):
+    """On CUDA (cuDNN's grouped convolutions, the GPU BatchNorm kernels in products)."""
+    from imaml_fast import backend_info
+
+    if not {b["name"]: b["available"] for b in backend_info("cuda", D)}[backend]:
+        pytest.skip(f"backend {backend} cannot run here")
+    model, ep = _omniglot_like()
+    model = model.cuda()
+    ep = tuple(t.cuda() for t in ep)
+    cfg = IMAMLConfig(inner_steps=3, cg_steps=4, lam=1.0, inner_lr=0.1, backend=backend)
+    ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
+    aten = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(layer_derivatives="autograd"))
+    for n in ours.grads:
+        assert torch.allclose(ours.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
