@@ -33,8 +33,8 @@ step timeout 90 python benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels
 log "CG solve against the HVPs alone (Omniglot network, T=32, 5 iterations)"
 step timeout 90 python benchmarks/bench_cg_vs_hvp.py --device cuda --json "$RESULTS/bench_cg_vs_hvp.json" 2>&1 | tee "$RESULTS/bench_cg_vs_hvp.txt"
 
-log "where one batched HVP spends its time (profiler, by op and by kind)"
-step timeout 60 python benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md"
+log "where one batched HVP spends its time (profiler, by op and by kind), ATen's layer derivatives vs imaml_fast.layers"
+step timeout 120 python benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md"
 
 log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), bf16 too"
 step timeout 180 python benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
