@@ -101,12 +101,15 @@ def _ops(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("op", ["prox_update", "cg_update", "batched_dot", "dense_cg"])
+@pytest.mark.parametrize("op", ["prox_update", "cg_update", "batched_dot", "dense_cg",
+                                "bn_double_backward"])
 def test_op_per_backend(benchmark, backend, op):
     """Each fused op of the batched engine, torch (the PyTorch reference ops) against cpp
     (the C++ CPU twins of the CUDA kernels), on the shapes a meta-step gives it: [T, P] with
     the Omniglot network's P for the vector ops, the sinusoid MLP (P = 1,761) for the
-    5-iteration dense CG. Compare within each group: the kernel backend should be no slower."""
+    5-iteration dense CG, the network's first BatchNorm under vmap ([5, 32 * 64, 14, 14]) for
+    BatchNorm's second derivative. Compare within each group: the kernel backend should be
+    no slower."""
     from imaml_fast.cg import CG_MAX_ITER
 
     benchmark.group = f"op {op}"
@@ -123,6 +126,12 @@ def test_op_per_backend(benchmark, backend, op):
         args = (x, r, p, Ap.abs() * p.sign() + p, rs,
                 torch.full((T,), CG_MAX_ITER, dtype=torch.int8), torch.zeros(T, dtype=torch.long),
                 1e-20 * rs)
+    elif op == "bn_double_backward":
+        shape, C = (5, T * 64, 14, 14), T * 64
+        x, gy, a = (torch.randn(shape) for _ in range(3))
+        w, b, c = (torch.randn(C) for _ in range(3))
+        _, mean, invstd = torch.native_batch_norm(x, w, None, None, None, True, 0.0, 1e-5)
+        args = (a, b, c, gy, x, mean, invstd, w)
     else:
         Pd = 1761
         A = torch.randn(T, Pd, Pd) / Pd ** 0.5
