@@ -31,7 +31,9 @@ FunctionalModel uses them only for gradients taken with create_graph=True.
 
 `closed_form_layers()` is the TorchFunctionMode that routes F.conv1d/2d/3d (numeric padding)
 and F.batch_norm with batch statistics to these Functions; anything else (running
-statistics, padding="same", mixed dtypes, autocast) passes through to ATen unchanged.
+statistics, padding="same", mixed dtypes, BatchNorm under autocast, whose input and weights
+differ in dtype) passes through to ATen unchanged; a convolution under autocast is cast as
+autocast casts it.
 The sequential reference backend and hvp="fwdrev" (these Functions define no forward-mode
 derivatives) keep ATen's layers; IMAMLConfig(layer_derivatives="autograd") turns them off.
 """
@@ -342,8 +344,10 @@ def _autocast_on(device_type: str) -> bool:
 
 class closed_form_layers(TorchFunctionMode):
     """Within this mode F.conv1d/2d/3d run `conv` and F.batch_norm with batch statistics runs
-    `batch_norm`; every other call is left alone. Inputs these do not cover (running
-    statistics, string padding, mixed dtypes, autocast) pass through unchanged.
+    `batch_norm`; every other call is left alone. Under autocast a convolution's inputs are
+    cast to the autocast dtype first, as autocast itself does. Inputs these do not cover
+    (running statistics, string padding, mixed dtypes, BatchNorm under autocast) pass
+    through unchanged.
     bn_kernel: a backend's fused batch_norm_double_backward (same signature) to run in
     products; None runs the formula in PyTorch ops."""
 
@@ -356,11 +360,20 @@ class closed_form_layers(TorchFunctionMode):
         if func in _CONVS:
             a = _CONV_SIGNATURE.bind(*args, **kwargs).arguments
             x, w, b = a["input"], a["weight"], a.get("bias")
-            if (not isinstance(a.get("padding", 0), str) and x.dim() == w.dim()
-                    and all(t is None or t.dtype == x.dtype for t in (w, b))
-                    and not _autocast_on(x.device.type)):
-                return conv(x, w, b, a.get("stride", 1), a.get("padding", 0),
-                            a.get("dilation", 1), a.get("groups", 1))
+            if not isinstance(a.get("padding", 0), str) and x.dim() == w.dim():
+                args = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
+                        a.get("groups", 1))
+                dev = x.device.type
+                if _autocast_on(dev) and x.is_floating_point():
+                    # what autocast does for a convolution: every floating input in the
+                    # autocast dtype; the casts are differentiable, so gradients reach the
+                    # full-precision weights as they would through ATen's convolution
+                    dt = torch.get_autocast_dtype(dev)
+                    x, w, b = (None if t is None else t.to(dt) for t in (x, w, b))
+                    with torch.autocast(dev, enabled=False):
+                        return conv(x, w, b, *args)
+                if all(t is None or t.dtype == x.dtype for t in (w, b)):
+                    return conv(x, w, b, *args)
         if func is F.batch_norm:
             a = _BN_SIGNATURE.bind(*args, **kwargs).arguments
             x, w, b = a["input"], a.get("weight"), a.get("bias")

@@ -405,3 +405,35 @@ def test_dense_hessians_through_closed_form_layers():
     for n in dense.grads:
         assert torch.allclose(dense.grads[n], free.grads[n], rtol=1e-9, atol=1e-12), n
         assert torch.allclose(dense.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_conv_under_autocast_is_cast_as_autocast_casts_it():
+    """bf16 autocast: the convolution runs on bf16 casts of its inputs (bit-identical to
+    ATen's autocast convolution), gradients reach the fp32 tensors, and a Hessian-vector
+    product agrees with ATen's at bf16 precision."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 3, 9, 9, generator=g)
+    w = torch.randn(6, 3, 3, 3, generator=g) * 0.3
+    t = torch.randn(4, 6, 5, 5, generator=g)
+
+    def loss(mode):
+        def f(x, w):
+            with torch.autocast("cpu", dtype=torch.bfloat16), mode():
+                y = F.conv2d(x, w, None, 2, 1)
+            assert y.dtype == torch.bfloat16
+            return (torch.tanh(y.float()) * t).sum()
+        return f
+
+    from contextlib import nullcontext
+    wl = w.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), closed_form_layers():
+        y = F.conv2d(x, wl, None, 2, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_aten = F.conv2d(x, wl, None, 2, 1)
+    assert "ConvFn" in str(y.grad_fn) and torch.equal(y, y_aten)
+    v = [torch.randn(x.shape, generator=g), torch.randn(w.shape, generator=g)]
+    ours = _hvp_through(loss(closed_form_layers), [x, w], v)
+    aten = _hvp_through(loss(nullcontext), [x, w], v)
+    for a_, b_ in zip(ours, aten):
+        assert a_.dtype == torch.float32
+        assert (a_ - b_).norm() <= 2e-2 * b_.norm()
