@@ -24,10 +24,10 @@ from imaml_fast import distributed as D
 from imaml_fast.models import omniglot_conv
 
 
-def _worker(rank, world, port, args, queue):
+def _worker(rank, world, rendezvous, args, queue):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        D.init_local(rank, world, port, args.device)
+        D.init_local(rank, world, rendezvous, args.device)
     torch.manual_seed(0)
     model = omniglot_conv(5).to(args.device)
     learner = IMAML(model, F.cross_entropy, IMAMLConfig(task_batching=args.task_batching),
@@ -63,8 +63,9 @@ def main(argv=None):
     rows = []
     for world in args.ranks:
         queue = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(world, D.free_port(), args, queue), nprocs=world,
-                           join=True, start_method="spawn")
+        with D.local_rendezvous() as rendezvous:
+            mp.start_processes(_worker, args=(world, rendezvous, args, queue), nprocs=world,
+                               join=True, start_method="spawn")
         s = queue.get()
         rows.append({"ranks": world, "s_per_step": s, "tasks_per_s": args.tasks / s})
         print(f"{world} rank(s): {s:.3f} s / meta-step, {args.tasks / s:.1f} tasks/s", flush=True)

@@ -9,8 +9,9 @@ raises. NCCL on GPUs, gloo on CPUs.
 from __future__ import annotations
 
 import os
-import socket
-from typing import Optional
+import tempfile
+from contextlib import contextmanager
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -46,16 +47,26 @@ def reduce_meta_gradient(task_grads: torch.Tensor, bad: torch.Tensor, group=None
     return (buf[:-2] / n).to(task_grads.dtype), int(buf[-1].item())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def local_rendezvous():
+    """An init_method for processes on this machine: a file:// store in a fresh temporary
+    file, removed afterwards. Unlike a port found free and handed to the workers, nothing
+    else can take it before they start."""
+    fd, path = tempfile.mkstemp(prefix="imaml_fast_rendezvous_")
+    os.close(fd)
+    try:
+        yield "file://" + path
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
 
 
-def init_local(rank: int, world: int, port: int, device: str = "cpu") -> None:
-    """Join a process group of `world` local processes (gloo on CPU, NCCL on CUDA)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+def init_local(rank: int, world: int, rendezvous: Union[str, int], device: str = "cpu") -> None:
+    """Join a process group of `world` local processes (gloo on CPU, NCCL on CUDA).
+    rendezvous: an init_method such as local_rendezvous() gives ("file://...", "tcp://..."),
+    or a TCP port on 127.0.0.1."""
+    if isinstance(rendezvous, int):
+        rendezvous = f"tcp://127.0.0.1:{rendezvous}"
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -63,7 +74,7 @@ def init_local(rank: int, world: int, port: int, device: str = "cpu") -> None:
         # Local CPU ranks share the cores: more threads than cores makes OpenMP threads spin
         # against each other (tens of times slower on 2 cores).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
 
 
 def shutdown(group=None) -> None:

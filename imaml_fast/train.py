@@ -272,8 +272,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             "checkpoint": str(ckpt_path), "curve": curve}
 
 
-def _worker(rank: int, world: int, port: int, s: RunSettings, resume: bool, queue) -> None:
-    dist_mod.init_local(rank, world, port, s.device)
+def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool, queue) -> None:
+    dist_mod.init_local(rank, world, rendezvous, s.device)
     try:
         summary = train(s, resume=resume)
         if rank == 0:
@@ -295,10 +295,10 @@ def train_multiprocess(s: RunSettings, resume: bool = False) -> dict:
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = dist_mod.free_port()
     try:
-        mp.start_processes(_worker, args=(s.nproc, port, s, resume, queue), nprocs=s.nproc,
-                           join=True, start_method="spawn")
+        with dist_mod.local_rendezvous() as rendezvous:
+            mp.start_processes(_worker, args=(s.nproc, rendezvous, s, resume, queue),
+                               nprocs=s.nproc, join=True, start_method="spawn")
     except mp.ProcessRaisedException:
         pass  # the message is on the queue
     while not queue.empty():

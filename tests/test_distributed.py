@@ -43,8 +43,8 @@ def _run(rank, world, path, device="cpu"):
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
 
-def _worker(rank, world, port, path, device="cpu"):
-    D.init_local(rank, world, port, device)
+def _worker(rank, world, rendezvous, path, device="cpu"):
+    D.init_local(rank, world, rendezvous, device)
     try:
         _run(rank, world, path, device)
         D.shutdown()
@@ -56,8 +56,9 @@ def _worker(rank, world, port, path, device="cpu"):
 def test_two_gloo_processes_equal_one_process(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run(0, 1, one)
-    mp.start_processes(_worker, args=(2, D.free_port(), two), nprocs=2, join=True,
-                       start_method="spawn")
+    with D.local_rendezvous() as rendezvous:
+        mp.start_processes(_worker, args=(2, rendezvous, two), nprocs=2, join=True,
+                           start_method="spawn")
     a, b = torch.load(one), torch.load(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
@@ -69,8 +70,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 def test_two_nccl_processes_equal_one_process(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run(0, 1, one, "cuda")
-    mp.start_processes(_worker, args=(2, D.free_port(), two, "cuda"), nprocs=2, join=True,
-                       start_method="spawn")
+    with D.local_rendezvous() as rendezvous:
+        mp.start_processes(_worker, args=(2, rendezvous, two, "cuda"), nprocs=2, join=True,
+                           start_method="spawn")
     a, b = torch.load(one), torch.load(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
