@@ -84,7 +84,7 @@ def test_function_values_gradients_and_hvp_match_f_batch_norm():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("in_dims", [(0, 0, 0), (1, 0, 0), (0, None, None)])
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (1, 0, 0), (0, None, None), (None, 0, 0)])
 def test_vmap_rule_is_per_task_batch_norm(in_dims):
     """vmap folds tasks into channels: the same numbers as a loop of per-task F.batch_norm,
     for values, gradients and Hessian-vector products, whichever dims are batched."""
@@ -94,7 +94,7 @@ def test_vmap_rule_is_per_task_batch_norm(in_dims):
     w, b = torch.randn(T, C, generator=g, dtype=D), torch.randn(T, C, generator=g, dtype=D)
     if in_dims[1] is None:
         w, b = w[0], b[0]
-    xin = x.movedim(0, 1).contiguous() if in_dims[0] == 1 else x
+    xin = {0: x, 1: x.movedim(0, 1).contiguous(), None: x[0]}[in_dims[0]]
     t = torch.randn(T, N, C, 3, 3, generator=g, dtype=D)
 
     def ours(xin, w, b):
@@ -102,7 +102,8 @@ def test_vmap_rule_is_per_task_batch_norm(in_dims):
         return (torch.tanh(y) * t).sum()
 
     def loop(xin, w, b):
-        xs = xin.movedim(1, 0) if in_dims[0] == 1 else xin
+        xs = {0: xin, 1: xin.movedim(1, 0) if xin.dim() == 5 else xin,
+              None: xin.expand(T, *xin.shape)}[in_dims[0]]
         ys = [F.batch_norm(xs[i], None, None, w[i] if w.dim() == 2 else w,
                            b[i] if b.dim() == 2 else b, True, 0.0, EPS) for i in range(T)]
         return (torch.tanh(torch.stack(ys)) * t).sum()
@@ -284,8 +285,8 @@ def test_conv_double_backward_with_one_cotangent(which):
         assert torch.allclose(a_, b_, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("x_dim", [0, 1])
+@pytest.mark.parametrize("shared,x_dim", [(False, 0), (False, 1), (True, 0), (True, 1),
+                                           (False, None)])
 def test_conv_vmap_rule_matches_a_loop(shared, x_dim):
     """vmap over tasks: per-task weights become groups, shared weights more samples; values
     and Hessian-vector products equal a loop of per-task F.conv2d."""
@@ -296,7 +297,9 @@ def test_conv_vmap_rule_matches_a_loop(shared, x_dim):
     b = torch.randn(T, 4, generator=g, dtype=D)
     if shared:
         w, b = w[0], b[0]
-    xin = x.movedim(0, 1).contiguous() if x_dim == 1 else x
+    if x_dim is None:  # the same images for every task
+        x = x[:1].expand(T, -1, -1, -1, -1)
+    xin = x.movedim(0, 1).contiguous() if x_dim == 1 else (x[0] if x_dim is None else x)
     t = torch.randn(T, N, 4, 4, 4, generator=g, dtype=D)
     wd = None if shared else 0
 
@@ -305,7 +308,8 @@ def test_conv_vmap_rule_matches_a_loop(shared, x_dim):
         return (torch.tanh(y) * t).sum()
 
     def loop(xin, w, b):
-        xs = xin.movedim(1, 0) if x_dim == 1 else xin
+        xs = xin.movedim(1, 0) if x_dim == 1 else (xin.expand(T, -1, -1, -1, -1)
+                                                    if x_dim is None else xin)
         ys = [F.conv2d(xs[i], w if shared else w[i], b if shared else b[i], 2, 1) for i in range(T)]
         return (torch.tanh(torch.stack(ys)) * t).sum()
 
