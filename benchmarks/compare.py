@@ -189,9 +189,28 @@ def speed_markdown(payload):
                 + (f". Against the reference, the compute floor allows at most "
                    f"{ref / fl['compute_s']:.2f}x and the FLOP bound {ref / fl['flop_bound_s']:.2f}x."
                    if ref else "."))
+        out.append(speed_target(res))
         out.append(bullet_list([f"{r['impl']}: {r['note']}" for r in res["rows"] if r["note"]]
                                + res["skipped"]))
     return "\n".join(out) + "\n"
+
+
+TARGET_SPEEDUP = 3.0  # the roadmap's target on the CPU: the default vs these two, same run
+TARGET_AGAINST = (REFERENCE, "TorchOpt cg")
+
+
+def speed_target(res) -> str:
+    """The roadmap's speed target for this setting, met or missed, with the measured ratios."""
+    times = {r["impl"]: r["median_s"] for r in res["rows"]}
+    if DEFAULT not in times:
+        return ""
+    got = {n: times[n] / times[DEFAULT] for n in TARGET_AGAINST if n in times}
+    if not got:
+        return ""
+    met = all(v >= TARGET_SPEEDUP for v in got.values())
+    ratios = ", ".join(f"{v:.2f}x vs {n}" for n, v in got.items())
+    return (f"\nTarget: the default at least {TARGET_SPEEDUP:.0f}x faster than "
+            f"{' and '.join(got)}: **{'met' if met else 'missed'}** ({ratios}).")
 
 
 def speed_plot(payload, path):

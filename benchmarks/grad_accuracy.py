@@ -185,6 +185,18 @@ def markdown(payload, names, spec):
                                                  for n in st["cg_iters"]) + " |")
     out.append(f"\nFirst-order approximation (no CG, g = grad L_query): relative error "
                f"{payload['first_order_rel_error']:.1e}.")
+    err = {}
+    for r in payload["rows"]:
+        err.setdefault(r["impl"], {})[r["cg_iters"]] = r["rel_error"]
+    ours = err.get("imaml_fast default", {})
+    peers = [n for n in names if not n.startswith("imaml_fast") and n in err]
+    if ours and peers:
+        worse = [(n, k) for n in peers for k, e in err[n].items()
+                 if k in ours and ours[k] > 1.01 * e + 1e-15]
+        out.append(f"\nTarget: imaml_fast default's error no worse than any peer's at equal CG "
+                   f"iterations: **{'met' if not worse else 'missed'}**"
+                   + ("" if not worse else " (worse than " + ", ".join(
+                       f"{n} at {k}" for n, k in worse) + ")") + ".")
     out.append(bullet_list(payload["skipped"]))
     return "\n".join(out) + "\n"
 

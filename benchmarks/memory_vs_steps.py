@@ -135,6 +135,15 @@ def markdown(payload):
         growth = (f"{b['delta_mb'] - a['delta_mb']:+.0f} MiB"
                   if "delta_mb" in a and "delta_mb" in b else "-")
         out.append(f"| {name} | " + " | ".join(cells) + f" | {growth} |")
+    d = {r["K"]: r for r in rows if r["impl"] == "imaml_fast default" and "delta_mb" in r}
+    if steps[0] in d and steps[-1] in d:
+        a, b = d[steps[0]]["peak_after_step_mb"], d[steps[-1]]["peak_after_step_mb"]
+        change = (b - a) / a
+        da, db = d[steps[0]]["delta_mb"], d[steps[-1]]["delta_mb"]
+        out.append(f"\nTarget: imaml_fast default's peak memory at K = {steps[-1]} within 10% of "
+                   f"K = {steps[0]}: **{'met' if abs(change) <= 0.10 else 'missed'}** "
+                   f"({100 * change:+.1f}% peak RSS, {b:.0f} vs {a:.0f} MiB; "
+                   f"{100 * (db - da) / da:+.1f}% above set-up, {db:.0f} vs {da:.0f} MiB).")
     notes = []
     for name in st["impls"]:
         ran = [str((r.get("info") or {}).get("task_batching")) for r in rows
