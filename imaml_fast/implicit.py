@@ -144,8 +144,10 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         else:
             hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy)
             inner_loss = hvp.losses
-            sol = cg_solve(lambda v: shift * v + scale * hvp(v), gq, max_iter=config.cg_steps,
-                           tol=config.cg_tol, update=ops["cg_update"])
+            # (shift I + scale H) v in place on the product's fresh buffer: one pass over
+            # [T, P] instead of three allocations
+            sol = cg_solve(lambda v: hvp(v).mul_(scale).add_(v, alpha=shift), gq,
+                           max_iter=config.cg_steps, tol=config.cg_tol, update=ops["cg_update"])
             hvp_calls = hvp.calls
             hvp.release()
             task_flat, cg_iters, cg_residual, cg_status = sol.x, sol.iters, sol.residual, sol.status

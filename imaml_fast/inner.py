@@ -73,7 +73,7 @@ def inner_hf(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lam:
         res.grad_evals += 1
         G = hvp.grad + lam * (phi - theta)
         F0 = regularised_loss(hvp.losses, phi, theta, lam)
-        sol = cg_solve(lambda v: hvp(v) + lam * v, G, max_iter=cg_steps, tol=cg_tol,
+        sol = cg_solve(lambda v: hvp(v).add_(v, alpha=lam), G, max_iter=cg_steps, tol=cg_tol,
                        update=cg_update)
         res.hvp_evals += hvp.calls
         hvp.release()
