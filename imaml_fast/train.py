@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_mod
+from .backends import resolve_backend
 from .batching import choose_strategy, step_counts
 from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
                          write_json_atomic)
@@ -199,8 +200,13 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         # the checkpoint: it decides the floating-point summation order of every step.
         probe = build_sampler(s, "train", s.tasks, seed=s.seed + 1).sample()
         fm = FunctionalModel(model, loss_fn)
-        s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support, probe.y_support,
-                                          **step_counts(s.imaml_config()))
+        cfg = s.imaml_config()
+        backend = resolve_backend(cfg.backend, fm.device, fm.dtype)
+        # timed the way a meta-step runs: its backend's ops in the products' graph
+        with fm.layer_derivatives(cfg.layer_derivatives,
+                                  backend.ops() if backend.batched else None):
+            s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support,
+                                              probe.y_support, **step_counts(cfg))
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1)
     metrics_path = out / "metrics.jsonl"
     if main_rank:

@@ -155,10 +155,11 @@ class IMAML:
         validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         c = self.config
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
-        strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
-                                   **step_counts(c, inner_only=True))
-        res = solve_inner(self._fm, theta, x_support, y_support, c, strategy,
-                          backend.ops() if backend.batched else None)
+        ops = backend.ops() if backend.batched else None
+        with self._fm.layer_derivatives(c.layer_derivatives, ops):  # as in a meta-step
+            strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
+                                       **step_counts(c, inner_only=True))
+            res = solve_inner(self._fm, theta, x_support, y_support, c, strategy, ops)
         return self._fm.unflatten(res.phi)
 
     def predict(self, adapted: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
