@@ -3,8 +3,9 @@
 The paper's Omniglot setting on random data: the authors' network (4 x [3x3 conv, stride 2,
 BatchNorm with batch statistics, ReLU], linear head; 28x28 inputs), 5-way 1-shot with 1 query
 example per class, T = 32 tasks, 16 inner steps, lam = 2, 5 CG steps, inner lr 0.1. Prints the
-median of several repeats after a warm-up, tasks per second, and the ratio measured in this
-one run; --json writes the raw numbers.
+median of several repeats after a warm-up (the variants interleaved: one call of each per
+round), tasks per second, and the ratio measured in this one run; --json writes the raw
+numbers.
 
     python benchmarks/bench_meta_step.py [--tasks 32] [--repeats 5] [--device cpu] [--json out.json]
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import imaml_fast
 from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
+from timing import time_in_processes  # benchmarks/timing.py
 
 
 def episode(T, n_way, shots, queries, device):
@@ -60,6 +62,31 @@ def time_it(fn, repeats, device):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def _variant(settings: dict, name: str, cfg):
+    """One row's meta-step as a zero-argument callable (built in its own process); each call
+    returns what ran."""
+    torch.manual_seed(0)
+    model = omniglot_conv(settings["n_way"]).to(settings["device"])
+    ep = episode(settings["tasks"], settings["n_way"], settings["shots"], settings["queries"],
+                 settings["device"])
+    if name.endswith("CUDA graphs"):
+        from imaml_fast.graphs import CapturedMetaGradient
+
+        fm = FunctionalModel(model, F.cross_entropy)
+        graphed = CapturedMetaGradient(fm, cfg)
+
+        def step():  # the warm-up call captures; later calls replay
+            return graphed(fm.theta, *ep)
+    else:
+        def step():
+            return meta_gradient(model, F.cross_entropy, *ep, cfg)
+
+    def run():
+        r = step()
+        return {"backend": r.backend, "hvp": r.hvp, "task_batching": str(r.task_batching)}
+    return run
 
 
 def main(argv=None):
@@ -101,32 +128,21 @@ def main(argv=None):
         variants.append(("default, CUDA graphs", base))
     if args.skip_reference:
         variants = variants[1:]
+    # Every variant in a process of its own, timed in interleaved rounds (benchmarks/timing.py:
+    # variants sharing a process slowed each other down).
+    factories = {name: (_variant, (vars(args), name, cfg)) for name, cfg in variants}
+    times, infos = time_in_processes(factories, args.repeats,
+                                     threads=torch.get_num_threads(), device=args.device,
+                                     log=lambda m: None)
     rows = []
-    for name, cfg in variants:
-        holder = {}
-        if name.endswith("CUDA graphs"):
-            from imaml_fast.graphs import CapturedMetaGradient
-
-            fm = FunctionalModel(model, F.cross_entropy)
-            graphed = CapturedMetaGradient(fm, cfg)
-
-            def run():  # the first call (warm-up) captures; the timed ones replay
-                holder["r"] = graphed(fm.theta, *ep)
-        else:
-            def run():
-                holder["r"] = meta_gradient(model, F.cross_entropy, *ep, cfg)
-
-        try:
-            med, times = time_it(run, args.repeats, args.device)
-        except Exception as e:  # report and go on: the other rows are still worth having
-            print(f"{name:26s} FAILED: {type(e).__name__}: {e}", flush=True)
-            continue
-        r = holder["r"]
-        rows.append({"variant": name, "median_s": med, "times_s": times,
-                     "tasks_per_s": args.tasks / med, "backend": r.backend, "hvp": r.hvp,
-                     "task_batching": r.task_batching})
+    for name in times:
+        med = statistics.median(times[name])
+        r = infos[name]
+        rows.append({"variant": name, "median_s": med, "times_s": times[name],
+                     "tasks_per_s": args.tasks / med, **r})
         print(f"{name:26s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
-              f"(backend={r.backend}, hvp={r.hvp}, task_batching={r.task_batching})", flush=True)
+              f"(backend={r['backend']}, hvp={r['hvp']}, task_batching={r['task_batching']})",
+              flush=True)
     ref = rows[0]["median_s"]  # the reference unless --skip-reference
     print()
     for row in rows:
@@ -151,7 +167,7 @@ def markdown_table(meta, rows):
     where = meta.get("gpu") or f"{meta['cpu']} CPU, {meta['threads']} threads"
     head = (f"{where}, torch {meta['torch']}, {meta['date']}: omniglot network, "
             f"{s['n_way']}-way {s['shots']}-shot, T = {s['tasks']}, {s['inner_steps']} inner steps, "
-            f"{s['cg_steps']} CG steps, median of {s['repeats']} after warm-up\n\n")
+            f"{s['cg_steps']} CG steps, median of {s['repeats']} interleaved rounds after warm-up\n\n")
     lines = [f"| variant | s / meta-step | tasks / s | vs {rows[0]['variant']} | ran as |",
              "| --- | ---: | ---: | ---: | --- |"]
     for r in rows:

@@ -1,0 +1,88 @@
+"""Interleaved timing with every variant in its own process.
+
+Two things spoil a ratio of timings on a shared machine: the machine's speed drifts (another
+job starts), and variants run in one process change each other's speed (allocator state,
+thread pools, caches: the sequential reference measured 1.84 s alone and 1.95-2.45 s after
+the batched variants had run in the same process). Running the variants interleaved, one
+call of each per round, spreads the drift over all of them; running each in a process of its
+own keeps them from touching each other. `time_in_processes` does both: one spawned worker
+per variant builds it (through a picklable factory), warms it up and then times one call
+whenever the parent asks, round after round.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Tuple
+
+
+def _sync(device: Optional[str]) -> None:
+    if device and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _serve(conn, factory, args, threads, device):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        fn = factory(*args)
+        info = fn()  # warm-up; the callable may return a small dict describing what ran
+        _sync(device)
+        conn.send(("ready", info if isinstance(info, dict) else None))
+    except BaseException as e:  # reported by the parent, which goes on without this variant
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+        return
+    while True:
+        if conn.recv() == "stop":
+            return
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        conn.send(("time", time.perf_counter() - t0))
+
+
+def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int,
+                      threads: Optional[int] = None, device: Optional[str] = None,
+                      log: Callable[[str], None] = print
+                      ) -> Tuple[Dict[str, List[float]], Dict[str, Optional[dict]]]:
+    """factories: {name: (factory, args)}, factory(*args) -> a zero-argument callable (a
+    module-level function, so that a spawned process can import it). Returns ({name: the
+    `repeats` timings}, {name: what its warm-up call returned}); a variant whose build or
+    warm-up fails is reported through `log` and left out."""
+    ctx = mp.get_context("spawn")
+    infos, live = {}, {}
+    for name, (factory, args) in factories.items():
+        # one at a time: warm-ups running side by side would oversubscribe the cores
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device),
+                           daemon=True)
+        proc.start()
+        kind, payload = parent.recv()
+        if kind == "error":
+            log(f"{name:26s} FAILED: {payload}")
+            proc.join()
+            continue
+        infos[name] = payload
+        live[name] = (proc, parent)
+    times = {name: [] for name in live}
+    try:
+        for rep in range(repeats):
+            for name, (_, conn) in live.items():
+                conn.send("run")
+                times[name].append(conn.recv()[1])
+            log(f"  round {rep + 1}/{repeats}: " +
+                ", ".join(f"{n} {times[n][-1]:.2f}s" for n in live))
+    finally:
+        for proc, conn in live.values():
+            try:
+                conn.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=60)
+    return times, infos
