@@ -47,7 +47,7 @@ def _worker(rank, world, rendezvous, args, queue):
     if rank == 0:
         queue.put(statistics.median(times))
     if world > 1:
-        D.shutdown()
+        D.end_worker()
 
 
 def main(argv=None):

@@ -288,7 +288,7 @@ def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool
         queue.put(("error", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
         torch.distributed.destroy_process_group()
         raise
-    dist_mod.shutdown()
+    dist_mod.end_worker()
 
 
 def train_multiprocess(s: RunSettings, resume: bool = False) -> dict:

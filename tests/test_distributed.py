@@ -47,10 +47,10 @@ def _worker(rank, world, rendezvous, path, device="cpu"):
     D.init_local(rank, world, rendezvous, device)
     try:
         _run(rank, world, path, device)
-        D.shutdown()
     except BaseException:
         torch.distributed.destroy_process_group()
         raise
+    D.end_worker()
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
