@@ -170,21 +170,5 @@ def pyplot():
         return None
 
 
-def time_round_robin(impls: Dict[str, Callable[[], object]], repeats: int,
-                     log: Callable[[str], None] = print) -> Dict[str, List[float]]:
-    """Time each zero-argument callable `repeats` times, interleaved (one call of each per
-    round) so that a slow spell of this shared machine hits every implementation alike.
-    Each callable must already have been warmed up."""
-    times = {name: [] for name in impls}
-    for rep in range(repeats):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        log(f"  round {rep + 1}/{repeats}: " +
-            ", ".join(f"{n} {times[n][-1]:.2f}s" for n in impls))
-    return times
-
-
 def median(xs: List[float]) -> float:
     return statistics.median(xs)
