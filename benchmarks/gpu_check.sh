@@ -37,7 +37,7 @@ log "where one batched HVP spends its time (profiler, by op and by kind), ATen's
 step timeout 120 python benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md"
 
 log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), bf16 too"
-step timeout 180 python benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
+step timeout 240 python benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
   --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt"
 
 log "done: results in $RESULTS (status $status)"
