@@ -17,7 +17,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .config import HVP_MODES, INNER_SOLVERS
+from .config import HVP_MODES, INNER_SOLVERS, LAYER_DERIVATIVES
 from .presets import PRESETS
 
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hvp", choices=HVP_MODES)
     g.add_argument("--backend", help="auto, reference, torch, triton, cpp, cuda")
     g.add_argument("--task-batching", type=_task_batching, help="auto, vmap, loop or a chunk size")
+    g.add_argument("--layer-derivatives", choices=LAYER_DERIVATIVES,
+                   help="closed_form (default: imaml_fast.layers' second derivatives of "
+                        "convolution and BatchNorm) or autograd (ATen's own)")
     g.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-parameters")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
@@ -97,7 +100,8 @@ def _train(args) -> int:
 
     fields = {k: getattr(args, k) for k in (
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
-        "lam", "cg_steps", "cg_tol", "cg_damping", "hvp", "backend", "task_batching", "outer_lr")}
+        "lam", "cg_steps", "cg_tol", "cg_damping", "hvp", "backend", "task_batching",
+        "layer_derivatives", "outer_lr")}
     out = args.out
     if out is None:
         if args.resume:

@@ -60,6 +60,7 @@ class RunSettings:
     hvp: str = "auto"
     backend: str = "auto"
     task_batching: object = "auto"
+    layer_derivatives: str = "closed_form"
     outer_lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
@@ -80,7 +81,8 @@ class RunSettings:
         return IMAMLConfig(inner_solver=self.inner_solver, inner_steps=self.inner_steps,
                            inner_lr=self.inner_lr, lam=self.lam, cg_steps=self.cg_steps,
                            cg_tol=self.cg_tol, cg_damping=self.cg_damping, hvp=self.hvp,
-                           backend=self.backend, task_batching=self.task_batching)
+                           backend=self.backend, task_batching=self.task_batching,
+                           layer_derivatives=self.layer_derivatives)
 
     def validate(self) -> None:
         for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every", "nproc"):
@@ -153,6 +155,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _check_resumable(saved: dict, now: RunSettings, path: Path) -> None:
+    # a field the checkpoint's version did not have yet ran with its default
+    saved = {**{f.name: f.default for f in dataclasses.fields(RunSettings)}, **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.to_dict().items()
              if k not in RESUMABLE_CHANGES and k != "task_batching" and saved.get(k) != v]
     if diffs:

@@ -108,3 +108,19 @@ def test_argparse_rejects_unknown_preset_and_flags(capsys):
 def test_backends_command_lists_them(capsys):
     code, out, _ = run(["backends"], capsys)
     assert code == 0 and "torch" in out and "reference" in out and "available" in out
+
+
+def test_layer_derivatives_flag_reaches_the_engine_config(monkeypatch, capsys):
+    seen = {}
+
+    def fake_train(s, resume=False):
+        seen["s"] = s
+        return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
+
+    monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
+    code, _, _ = run(["train", "--layer-derivatives", "autograd", "--steps", "1"], capsys)
+    assert code == 0 and seen["s"].imaml_config().layer_derivatives == "autograd"
+    code, _, _ = run(["train", "--steps", "1"], capsys)
+    assert seen["s"].imaml_config().layer_derivatives == "closed_form"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--layer-derivatives", "fused"])

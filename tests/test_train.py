@@ -161,3 +161,19 @@ def test_a_rare_divergent_meta_batch_is_skipped_a_persistent_one_ends_the_run(tm
     monkeypatch.setattr(IMAML, "meta_step", always)
     with pytest.raises(FloatingPointError):
         train(sin_settings(tmp_path / "bad"))
+
+
+def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
+    """Settings a checkpoint's version did not have count as their defaults: a run saved
+    without layer_derivatives resumes with the default and refuses another value."""
+    from imaml_fast.checkpoint import save_atomic
+
+    run = tmp_path / "run"
+    train(sin_settings(run, steps=3))
+    ck = load_checkpoint(run / "checkpoint.pt")
+    del ck["settings"]["layer_derivatives"]
+    save_atomic(ck, run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="layer_derivatives: checkpoint 'closed_form', now 'autograd'"):
+        train(sin_settings(run, steps=6, layer_derivatives="autograd"), resume=True)
+    train(sin_settings(run, steps=6), resume=True)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
