@@ -1,13 +1,14 @@
 """Interleaved timing with every variant in its own process.
 
 Two things spoil a ratio of timings on a shared machine: the machine's speed drifts (another
-job starts), and variants run in one process change each other's speed (allocator state,
-thread pools, caches: the sequential reference measured 1.84 s alone and 1.95-2.45 s after
-the batched variants had run in the same process). Running the variants interleaved, one
-call of each per round, spreads the drift over all of them; running each in a process of its
-own keeps them from touching each other. `time_in_processes` does both: one spawned worker
-per variant builds it (through a picklable factory), warms it up and then times one call
-whenever the parent asks, round after round.
+job starts), and variants run in one process can change each other's speed (allocator state,
+thread pools, caches: the sequential reference measured 1.84 s alone and about 6% slower after
+the batched variants had run in the same process). Running the variants interleaved, one call
+of each per round, spreads the drift over all of them; running each in a process of its own
+keeps them from touching each other. `time_in_processes` does both: one spawned worker per
+variant builds it (through a picklable factory), warms it up and then times one call whenever
+the parent asks, round after round. What neither removes: per-task loops (the reference, the
+peers) vary more with the machine's load than batched code, from run to run.
 """
 from __future__ import annotations
 

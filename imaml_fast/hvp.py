@@ -9,7 +9,7 @@ Two ways, same numbers:
   between products, so every product repeats the forward and backward pass with tangents.
 
 On the CPU with the paper's Omniglot network (T = 32, 5-way 1-shot, 16 inner steps, 5 CG
-steps) a meta-step takes 1.17 s with revrev and 1.38 s with fwdrev (two threads, each in its
+steps) a meta-step takes 1.14-1.17 s with revrev and 1.38-1.42 s with fwdrev (two threads, each in its
 own process, benchmarks/bench_meta_step.py), so "auto" resolves to revrev. revrev's graph is
 built with imaml_fast.layers (convolution and BatchNorm with written-out second derivatives)
 unless the config says layer_derivatives="autograd"; fwdrev always runs ATen's layers.
