@@ -3,6 +3,7 @@
 // Channels are the tasks: each channel runs on one thread, two passes over its M = N * S
 // elements (the five sums in 8 lanes, then dgy and dx), so results do not depend on the thread
 // count. The absent optional inputs (a, b, c) are template flags: their terms are dropped.
+#include "../bn_scalars.h"
 #include "../common.h"
 #include "cpu_common.h"
 
@@ -58,37 +59,14 @@ void bn_double_backward_impl(const T* a, const T* b, const T* c, const T* gy, co
         s_ag.v[k] += av * gv;
       }
     });
-    const T gbar = s_g.sum() / Mt;
-    const T P = s_gx.sum() / Mt;
-    const T abar = HA ? s_a.sum() / Mt : T(0);
-    const T Q = HA ? s_ax.sum() / Mt : T(0);
-    const T A = HA ? s_ag.sum() / Mt : T(0);
-    const T g = weight ? weight[ch] : T(1);
-    const T gr = g * r;
-    const T grr = gr * r;
-    const T K = A - abar * gbar - T(3) * P * Q;
-    const T bv = HB ? b[ch] : T(0);
-    const T br = bv * r;
-    const T cv = HC ? c[ch] : T(0);
-    // Pass 2: dgy, dx (the reference's order of operations).
+    const T sums[5] = {s_g.sum(), s_gx.sum(), s_a.sum(), s_ax.sum(), s_ag.sum()};
+    const BnChannel<T> kc = bn_channel<T, HA, HB, HC>(sums, Mt, mu, r, weight ? weight[ch] : T(1),
+                                                       HB ? b[ch] : T(0), HC ? c[ch] : T(0));
+    // Pass 2: dgy, dx.
     channel_loop(N, C, S, ch, [&](int64_t i, int) {
-      const T xh = (x[i] - mu) * r;
-      const T gv = gy[i];
-      T o_gy = T(0), o_x = T(0);
-      if (HA) {
-        const T av = a[i];
-        o_gy = gr * (av - abar - xh * Q);
-        o_x = grr * (-xh * K - Q * (gv - gbar) - P * (av - abar));
-      }
-      if (HB) {
-        o_gy = o_gy + bv * xh;
-        o_x = o_x + br * (gv - gbar - xh * P);
-      }
-      if (HC) o_gy = o_gy + cv;
-      dgy[i] = o_gy;
-      dx[i] = o_x;
+      bn_element<T, HA, HB, HC>(kc, x[i], gy[i], HA ? a[i] : T(0), dgy + i, dx + i);
     });
-    if (dw) dw[ch] = HA ? r * Mt * (A - abar * gbar - P * Q) : T(0);
+    if (dw) dw[ch] = kc.dw;
   });
 }
 

@@ -12,6 +12,7 @@
 // by blockDim without a 64-bit division per element. Loads are coalesced along s; for 2-D
 // inputs (S = 1) the threads of a block read a strided column (one channel per block is the
 // price of a single launch with no workspace and no atomics).
+#include "../bn_scalars.h"
 #include "common.cuh"
 
 using namespace imaml_fast;
@@ -66,39 +67,15 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 5; ++k) sums[k] = v[k];
     }
     __syncthreads();
-    const T gbar = sums[0] / Mt;
-    const T P = sums[1] / Mt;
-    const T abar = HA ? sums[2] / Mt : T(0);
-    const T Q = HA ? sums[3] / Mt : T(0);
-    const T A = HA ? sums[4] / Mt : T(0);
+    const BnChannel<T> kc = bn_channel<T, HA, HB, HC>(
+        sums, Mt, mu, r, weight ? weight[ch] : T(1), HB ? b[ch] : T(0), HC ? c[ch] : T(0));
     __syncthreads();  // sums is rewritten for the next channel
-    const T g = weight ? weight[ch] : T(1);
-    const T gr = g * r;
-    const T grr = gr * r;
-    const T K = A - abar * gbar - T(3) * P * Q;
-    const T bv = HB ? b[ch] : T(0);
-    const T br = bv * r;
-    const T cv = HC ? c[ch] : T(0);
     // Pass 2: dgy, dx.
     {
       int64_t n = n0, s = s0;
       for (int64_t m = threadIdx.x; m < M; m += nt) {
         const int64_t i = (n * C + ch) * S + s;
-        const T xh = (x[i] - mu) * r;
-        const T gv = gy[i];
-        T o_gy = T(0), o_x = T(0);
-        if (HA) {
-          const T av = a[i];
-          o_gy = gr * (av - abar - xh * Q);
-          o_x = grr * (-xh * K - Q * (gv - gbar) - P * (av - abar));
-        }
-        if (HB) {
-          o_gy = o_gy + bv * xh;
-          o_x = o_x + br * (gv - gbar - xh * P);
-        }
-        if (HC) o_gy = o_gy + cv;
-        dgy[i] = o_gy;
-        dx[i] = o_x;
+        bn_element<T, HA, HB, HC>(kc, x[i], gy[i], HA ? a[i] : T(0), dgy + i, dx + i);
         n += step_n;
         s += step_s;
         if (s >= S) {
@@ -107,8 +84,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    if (dw != nullptr && threadIdx.x == 0)
-      dw[ch] = HA ? r * Mt * (A - abar * gbar - P * Q) : T(0);
+    if (dw != nullptr && threadIdx.x == 0) dw[ch] = kc.dw;
   }
 }
 
