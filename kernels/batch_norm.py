@@ -27,6 +27,15 @@ def _transformed(t) -> bool:
 
 
 @triton.jit
+def _channel_block(start, ch, C, S, M, BLOCK: tl.constexpr):
+    """Offsets and mask of elements start .. start + BLOCK of channel ch: element m = n * S + s
+    of the channel sits at (n * C + ch) * S + s."""
+    m = start + tl.arange(0, BLOCK)
+    n = m // S
+    return (n.to(tl.int64) * C + ch) * S + (m - n * S), m < M
+
+
+@triton.jit
 def _bn_double_backward_kernel(a_ptr, b_ptr, c_ptr, gy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr,
                                dgy_ptr, dx_ptr, dw_ptr, C, S, M,
                                HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
@@ -40,12 +49,9 @@ def _bn_double_backward_kernel(a_ptr, b_ptr, c_ptr, gy_ptr, x_ptr, mean_ptr, inv
     s_a = zero
     s_ax = zero
     s_ag = zero
-    # Pass 1: the sums. Element m = n * S + s of channel ch sits at (n * C + ch) * S + s.
+    # Pass 1: the sums.
     for start in range(0, M, BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        mask = m < M
-        n = m // S
-        off = (n.to(tl.int64) * C + ch) * S + (m - n * S)
+        off, mask = _channel_block(start, ch, C, S, M, BLOCK)
         xv = tl.load(x_ptr + off, mask=mask, other=0.0)
         gv = tl.load(gy_ptr + off, mask=mask, other=0.0)
         xh = tl.where(mask, (xv - mu) * r, 0.0)
@@ -69,10 +75,7 @@ def _bn_double_backward_kernel(a_ptr, b_ptr, c_ptr, gy_ptr, x_ptr, mean_ptr, inv
     K = A - abar * gbar - 3.0 * P * Q
     # Pass 2: dgy and dx.
     for start in range(0, M, BLOCK):
-        m = start + tl.arange(0, BLOCK)
-        mask = m < M
-        n = m // S
-        off = (n.to(tl.int64) * C + ch) * S + (m - n * S)
+        off, mask = _channel_block(start, ch, C, S, M, BLOCK)
         xv = tl.load(x_ptr + off, mask=mask, other=0.0)
         gv = tl.load(gy_ptr + off, mask=mask, other=0.0)
         xh = (xv - mu) * r
