@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import imaml_fast
 from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
-from timing import time_in_processes  # benchmarks/timing.py
+from timing import sync, time_in_processes  # benchmarks/timing.py
 
 
 def episode(T, n_way, shots, queries, device):
@@ -45,11 +45,6 @@ def support_problem(T, device):
     xs, ys, _, _ = episode(T, 5, 1, 1, device)
     phi = fm.theta + 0.01 * torch.randn(T, fm.num_params, device=device)
     return fm, xs, ys, phi
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_it(fn, repeats, device):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections import defaultdict
 
 import torch
@@ -28,7 +26,7 @@ from imaml_fast import BatchedHVP, IMAMLConfig
 from imaml_fast.backends import resolve_backend
 from imaml_fast.batching import choose_strategy, step_counts
 
-from bench_meta_step import support_problem  # the same setting as the other HVP benchmarks
+from bench_meta_step import support_problem, time_it  # the same setting and median timing
 
 KINDS = [  # (kind, substrings of the aten op name), first match wins
     ("imaml_fast.layers backward (kernels + glue)", ("fnbackward",)),
@@ -59,16 +57,7 @@ def profile_products(fm, xs, ys, phi, strategy, layers, ops, products, dev):
     with fm.layer_derivatives(layers, ops):
         hvp = BatchedHVP(fm, phi, xs, ys, "revrev", strategy)
     v = torch.randn(T, fm.num_params, device=dev)
-    hvp(v)  # warm-up
-    walls = []
-    for _ in range(5):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        hvp(v)
-        if cuda:
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
+    wall = time_it(lambda: hvp(v), 5, dev)[0]  # warm-up, then the median of 5
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(products):
@@ -86,7 +75,7 @@ def profile_products(fm, xs, ys, phi, strategy, layers, ops, products, dev):
     by_kind = defaultdict(float)
     for name, t, _ in ops_:
         by_kind[kind_of(name)] += t
-    return ops_, by_kind, total / 1e3 / products, 1e3 * statistics.median(walls)
+    return ops_, by_kind, total / 1e3 / products, 1e3 * wall
 
 
 def main(argv=None):

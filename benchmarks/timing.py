@@ -18,10 +18,11 @@ import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 
-def _sync(device: Optional[str]) -> None:
-    if device and device.startswith("cuda"):
-        import torch
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing for the CPU or device None."""
+    import torch
 
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -33,7 +34,7 @@ def _serve(conn, factory, args, threads, device):
     try:
         fn = factory(*args)
         info = fn()  # warm-up; the callable may return a small dict describing what ran
-        _sync(device)
+        sync(device)
         conn.send(("ready", info if isinstance(info, dict) else None))
     except BaseException as e:  # reported by the parent, which goes on without this variant
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
@@ -41,10 +42,10 @@ def _serve(conn, factory, args, threads, device):
     while True:
         if conn.recv() == "stop":
             return
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         conn.send(("time", time.perf_counter() - t0))
 
 
