@@ -28,7 +28,9 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert f"mse {r['mean']:.2f} ± {r['ci95']:.2f}" in p.stdout and "over 20" in p.stdout
 
 
-def test_no_arguments_trains_the_sinusoid_preset(monkeypatch, capsys):
+@pytest.fixture
+def trained_settings(monkeypatch):
+    """Replaces training with a stub; the dict gets the RunSettings the command built ("s")."""
     seen = {}
 
     def fake_train(s, resume=False):
@@ -36,6 +38,11 @@ def test_no_arguments_trains_the_sinusoid_preset(monkeypatch, capsys):
         return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
 
     monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
+    return seen
+
+
+def test_no_arguments_trains_the_sinusoid_preset(trained_settings, capsys):
+    seen = trained_settings
     code, out, _ = run([], capsys)
     assert code == 0 and seen["s"].preset == "sinusoid" and seen["s"].steps == 1000
     assert seen["s"].out.startswith("runs/sinusoid-")
@@ -110,14 +117,8 @@ def test_backends_command_lists_them(capsys):
     assert code == 0 and "torch" in out and "reference" in out and "available" in out
 
 
-def test_layer_derivatives_flag_reaches_the_engine_config(monkeypatch, capsys):
-    seen = {}
-
-    def fake_train(s, resume=False):
-        seen["s"] = s
-        return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
-
-    monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
+def test_layer_derivatives_flag_reaches_the_engine_config(trained_settings, capsys):
+    seen = trained_settings
     code, _, _ = run(["train", "--layer-derivatives", "autograd", "--steps", "1"], capsys)
     assert code == 0 and seen["s"].imaml_config().layer_derivatives == "autograd"
     code, _, _ = run(["train", "--steps", "1"], capsys)

@@ -184,6 +184,13 @@ def _omniglot_like():
     return model, (xs, ys, xq, yq)
 
 
+def _assert_same_meta_gradient(first, *others, rtol=1e-9, atol=1e-12):
+    """Every meta-gradient tensor of `first` close to the same one of each of `others`."""
+    for other in others:
+        for n in first.grads:
+            assert torch.allclose(first.grads[n], other.grads[n], rtol=rtol, atol=atol), n
+
+
 @pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
 @pytest.mark.parametrize("task_batching", ["vmap", "loop", 3])
 def test_meta_gradient_same_with_either_layer_derivatives(hvp, task_batching):
@@ -195,9 +202,7 @@ def test_meta_gradient_same_with_either_layer_derivatives(hvp, task_batching):
     ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
     aten = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(layer_derivatives="autograd"))
     ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
-    for n in ours.grads:
-        assert torch.allclose(ours.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
-        assert torch.allclose(ours.grads[n], ref.grads[n], rtol=1e-9, atol=1e-12), n
+    _assert_same_meta_gradient(ours, aten, ref)
 
 
 def test_hf_inner_solver_with_closed_form_layers():
@@ -205,8 +210,7 @@ def test_hf_inner_solver_with_closed_form_layers():
     cfg = IMAMLConfig(inner_solver="hf", inner_steps=2, cg_steps=3, lam=1.0, backend="torch")
     ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
     ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
-    for n in ours.grads:
-        assert torch.allclose(ours.grads[n], ref.grads[n], rtol=1e-8, atol=1e-11), n
+    _assert_same_meta_gradient(ours, ref, rtol=1e-8, atol=1e-11)
 
 
 def test_config_rejects_unknown_layer_derivatives():
@@ -386,8 +390,7 @@ def test_meta_gradient_on_gpu_same_with_either_layer_derivatives(backend):
     cfg = IMAMLConfig(inner_steps=3, cg_steps=4, lam=1.0, inner_lr=0.1, backend=backend)
     ours = meta_gradient(model, F.cross_entropy, *ep, cfg)
     aten = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(layer_derivatives="autograd"))
-    for n in ours.grads:
-        assert torch.allclose(ours.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
+    _assert_same_meta_gradient(ours, aten)
 
 
 def test_dense_hessians_through_closed_form_layers():
@@ -400,9 +403,7 @@ def test_dense_hessians_through_closed_form_layers():
     dense = meta_gradient(model, F.cross_entropy, *ep, cfg)
     free = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(cg_dense="never"))
     aten = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(layer_derivatives="autograd"))
-    for n in dense.grads:
-        assert torch.allclose(dense.grads[n], free.grads[n], rtol=1e-9, atol=1e-12), n
-        assert torch.allclose(dense.grads[n], aten.grads[n], rtol=1e-9, atol=1e-12), n
+    _assert_same_meta_gradient(dense, free, aten)
 
 
 def test_conv_under_autocast_is_cast_as_autocast_casts_it():
