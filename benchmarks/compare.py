@@ -34,7 +34,7 @@ from floor import floor_passes, model_floor  # noqa: E402
 from timing import time_in_processes  # noqa: E402
 from peers import DEFAULT, implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, bullet_list, Settings, median, meta_line, omniglot_episode,  # noqa: E402
-                          pyplot, rel_diff, run_meta, write_json, write_text)
+                          pyplot, rel_diff, run_meta, save_figure, write_json, write_text)
 
 FLOOR = "floor (model passes)"
 
@@ -264,11 +264,7 @@ def speed_plot(payload, path):
         ax.set_title(f"{res['setting']}, T = {res['tasks']}, "
                      f"{res['settings']['inner_steps']} inner steps")
         ax.set_xlim(0, max(vals) * 1.45)
-    fig.suptitle(meta_line(payload["meta"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, payload["meta"], fontsize=8)
 
 
 def speed_main(argv=None):

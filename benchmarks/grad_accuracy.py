@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 
 from peers import implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, Settings, bullet_list, meta_line, pyplot, rel_diff,  # noqa: E402
-                          run_meta, write_json, write_text)
+                          run_meta, save_figure, write_json, write_text)
 
 ITERS = [1, 2, 5, 10, 20]
 
@@ -218,11 +218,7 @@ def plot(payload, names, path):
     st = payload["meta"]["settings"]
     ax.set_title(f"vs dense (I + H/lam)^-1 grad L_query; {st['network']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.suptitle(meta_line(payload["meta"]), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, payload["meta"])
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def markdown(payload):
 
 
 def plot(payload, path):
-    from peers.common import meta_line, pyplot
+    from peers.common import pyplot, save_figure
 
     plt = pyplot()
     if plt is None:
@@ -185,11 +185,7 @@ def plot(payload, path):
     ax.set_title(f"one meta-step, {st['n_way']}-way 1-shot, T = {st['tasks']}, 5 CG steps",
                  fontsize=10)
     ax.legend(fontsize=8)
-    fig.suptitle(meta_line(payload["meta"]), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, payload["meta"])
 
 
 def main(argv=None):

@@ -170,5 +170,15 @@ def pyplot():
         return None
 
 
+def save_figure(fig, path, meta, fontsize=7):
+    """Title a result figure with its run's metadata line, write it as PNG, close it."""
+    plt = pyplot()
+    fig.suptitle(meta_line(meta), fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def median(xs: List[float]) -> float:
     return statistics.median(xs)
