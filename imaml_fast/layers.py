@@ -112,6 +112,25 @@ def batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
     return dgy, dx, dw
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def kernel_can_take(tensors, dtypes) -> bool:
+    """Whether a backend's bn_double_backward kernel can take these tensors (x first): all of
+    one dtype among `dtypes`, at least one element, none needing autograd (grad mode off or
+    nothing requires grad), and plain storage, not a torch.func wrapper (vmap's BatchedTensor,
+    a grad-tracking tensor) or autograd's batched cotangent
+    (torch.autograd.grad(is_grads_batched=True)), whose data pointer a kernel cannot take.
+    Where it cannot, the wrappers run batch_norm_double_backward."""
+    x = tensors[0]
+    if (x.dtype not in dtypes or any(t.dtype != x.dtype for t in tensors) or x.numel() == 0
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return False
+    return _functorch is None or not any(_functorch.is_functorch_wrapped_tensor(t)
+                                         or _functorch.is_legacy_batchedtensor(t)
+                                         for t in tensors)
+
+
 def _fold(t: Optional[torch.Tensor], bdim: Optional[int], B: int, dim: int):
     """Move t's vmap dimension (bdim, or none: broadcast) to `dim` and merge it with the
     dimension after it: x [.., B, C, ..] -> [.., B*C, ..] (tasks become channels)."""

@@ -16,14 +16,6 @@ import triton.language as tl
 
 BLOCK = 1024
 DTYPES = (torch.float32, torch.float64)
-_functorch = getattr(torch._C, "_functorch", None)
-
-
-def _transformed(t) -> bool:
-    """Whether t is a torch.func wrapper (vmap's BatchedTensor, ...) or autograd's batched
-    cotangent (torch.autograd.grad(is_grads_batched=True)): no storage to launch on."""
-    return _functorch is not None and (_functorch.is_functorch_wrapped_tensor(t)
-                                       or _functorch.is_legacy_batchedtensor(t))
 
 
 @triton.jit
@@ -107,7 +99,7 @@ def bn_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
     BatchedTensors) go to the reference, imaml_fast.layers.batch_norm_double_backward (eps is
     passed on to it: it matters only on its differentiable path; the kernel uses mean and
     invstd as given)."""
-    from imaml_fast.layers import batch_norm_double_backward as reference
+    from imaml_fast.layers import batch_norm_double_backward as reference, kernel_can_take
 
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -124,10 +116,7 @@ def bn_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
                    else type(t).__name__)
             raise ValueError(f"bn_double_backward: {name} must be {tuple(shape)} on {x.device}, "
                              f"got {got}")
-    tensors = [x] + [t for _, t, _ in named if t is not None]
-    if (x.dtype not in DTYPES or any(t.dtype != x.dtype for t in tensors) or x.numel() == 0
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            or any(_transformed(t) for t in tensors)):
+    if not kernel_can_take([x] + [t for _, t, _ in named if t is not None], DTYPES):
         return reference(a, b, c, gy, x, mean, invstd, weight, eps)
     N = x.shape[0]
     S = math.prod(x.shape[2:])

@@ -379,15 +379,6 @@ def _dense_cg(kind, H, b, shift, scale, max_iter, tol):
 
 
 BN_DTYPES = (torch.float32, torch.float64)
-_functorch = getattr(torch._C, "_functorch", None)
-
-
-def _transformed(t) -> bool:
-    """Whether t is a torch.func wrapper (a BatchedTensor under vmap, a grad-tracking one
-    under grad) or autograd's batched cotangent (torch.autograd.grad(is_grads_batched=True)):
-    no storage of its own, so the kernels cannot take its data pointer."""
-    return _functorch is not None and (_functorch.is_functorch_wrapped_tensor(t)
-                                       or _functorch.is_legacy_batchedtensor(t))
 
 
 def _bn_double_backward(kind, a, b, c, gy, x, mean, invstd, weight, eps=None):
@@ -397,7 +388,7 @@ def _bn_double_backward(kind, a, b, c, gy, x, mean, invstd, weight, eps=None):
     wrappers such as vmap's BatchedTensors). eps is the
     reference's: it matters only on its differentiable path (grad mode on, x requiring grad),
     which is one of those cases; the kernels use mean and invstd as given."""
-    from ..layers import batch_norm_double_backward as reference
+    from ..layers import batch_norm_double_backward as reference, kernel_can_take
 
     op = "bn_double_backward"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -418,10 +409,7 @@ def _bn_double_backward(kind, a, b, c, gy, x, mean, invstd, weight, eps=None):
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {shape}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    tensors = [x] + [t for _, t, _ in named if t is not None]
-    if (x.dtype not in BN_DTYPES or any(t.dtype != x.dtype for t in tensors) or x.numel() == 0
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            or any(_transformed(t) for t in tensors)):
+    if not kernel_can_take([x] + [t for _, t, _ in named if t is not None], BN_DTYPES):
         return reference(a, b, c, gy, x, mean, invstd, weight, eps)
     module = _module()
     N = x.shape[0]
