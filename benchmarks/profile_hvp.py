@@ -49,12 +49,12 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_products(fm, xs, ys, phi, strategy, layers, ops, products, dev):
+def profile_products(fm, xs, ys, phi, strategy, layers, backend, products, dev):
     """Profile `products` HVPs built with the given layer derivatives; returns (per-op list,
     per-kind dict, profiled time per product in ms, wall ms per product: median of 5)."""
     T = phi.shape[0]
     cuda = dev.type == "cuda"
-    with fm.layer_derivatives(layers, ops):
+    with fm.layer_derivatives(layers, backend):
         hvp = BatchedHVP(fm, phi, xs, ys, "revrev", strategy)
     v = torch.randn(T, fm.num_params, device=dev)
     wall = time_it(lambda: hvp(v), 5, dev)[0]  # warm-up, then the median of 5
@@ -100,7 +100,7 @@ def main(argv=None):
           f"{backend.name}, {where}, {torch.get_num_threads()} threads\n")
     for layers in ("autograd", "closed_form"):
         ops_, by_kind, per_product, wall = profile_products(
-            fm, xs, ys, phi, strategy, layers, backend.ops(), args.products, dev)
+            fm, xs, ys, phi, strategy, layers, backend, args.products, dev)
         total = per_product * args.products * 1e3
         label = {"autograd": "before: ATen's own double backward (layer_derivatives='autograd')",
                  "closed_form": "after: imaml_fast.layers (layer_derivatives='closed_form', "

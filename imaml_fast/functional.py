@@ -102,19 +102,20 @@ class FunctionalModel:
         self.bn_kernel = None  # a backend's fused BatchNorm double backward, see layer_derivatives
 
     @contextmanager
-    def layer_derivatives(self, mode: str, ops=None):
+    def layer_derivatives(self, mode: str, backend=None):
         """Within this block, graphs that will be differentiated twice are built with
         imaml_fast.layers ("closed_form") or ATen's own layers ("autograd": the sequential
         reference path, and forward-mode products, which imaml_fast.layers does not define).
-        ops: a backend's ops; its "bn_double_backward", if any, runs BatchNorm's second
-        derivative in products."""
+        backend: the engine's backend (imaml_fast.backends.Backend); its batched ops'
+        "bn_double_backward", if any, runs BatchNorm's second derivative in products."""
         if mode not in ("closed_form", "autograd"):
             raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
                              f"'closed_form', 'autograd'")
         before = self.closed_form, self.bn_kernel
         self.closed_form = mode == "closed_form"
-        if ops is not None:
-            self.bn_kernel = ops.get("bn_double_backward")
+        if backend is not None:
+            self.bn_kernel = (backend.ops().get("bn_double_backward") if backend.batched
+                              else None)
         try:
             yield
         finally:

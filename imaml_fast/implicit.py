@@ -102,8 +102,7 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     (default fm.theta). validate_values=False skips the checks that synchronise with the host
     (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
-    ops = backend.ops() if backend.batched else None
-    with fm.layer_derivatives(config.layer_derivatives, ops):
+    with fm.layer_derivatives(config.layer_derivatives, backend):
         return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values,
                                    backend)
 

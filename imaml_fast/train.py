@@ -207,8 +207,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         cfg = s.imaml_config()
         backend = resolve_backend(cfg.backend, fm.device, fm.dtype)
         # timed the way a meta-step runs: its backend's ops in the products' graph
-        with fm.layer_derivatives(cfg.layer_derivatives,
-                                  backend.ops() if backend.batched else None):
+        with fm.layer_derivatives(cfg.layer_derivatives, backend):
             s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support,
                                               probe.y_support, **step_counts(cfg))
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1)

@@ -156,7 +156,7 @@ class IMAML:
         c = self.config
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
-        with self._fm.layer_derivatives(c.layer_derivatives, ops):  # as in a meta-step
+        with self._fm.layer_derivatives(c.layer_derivatives, backend):  # as in a meta-step
             strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
                                        **step_counts(c, inner_only=True))
             res = solve_inner(self._fm, theta, x_support, y_support, c, strategy, ops)
