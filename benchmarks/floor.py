@@ -12,7 +12,7 @@ graph the products differentiate is built as the engine builds it by default
 and `matmul_gflops` measures this machine's float32 matrix-multiply rate (n x n products),
 so flops / rate is the time the arithmetic would take at matrix-multiply speed.
 
-    python benchmarks/floor.py [--n-way 5] [--inner-steps 16] [--tasks 32] [--threads 1]
+    python benchmarks/floor.py [--n-way 5] [--inner-steps 16] [--tasks 32] [--threads 1] [--device cuda]
 compare.py's speed figure reports both beside every implementation.
 """
 from __future__ import annotations
@@ -26,14 +26,24 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
-    """Best-of-`repeats` GFLOP/s of an n x n by n x n product on the CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
+    """Best-of-`repeats` GFLOP/s of an n x n by n x n product on `device` (on a GPU n = 8192,
+    so that the product fills the chip; float32 matmuls in torch's default precision)."""
+    if torch.device(device).type == "cuda":
+        n = max(n, 8192)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -70,6 +80,7 @@ def floor_passes(model, episode, inner_steps: int, cg_steps: int):
     xs, ys, xq, yq = (t.reshape(-1, *t.shape[2:]) for t in episode)
     args = (model, xs, ys, xq, yq, inner_steps, cg_steps)
     _passes(*args)
+    _sync(xs.device)
     return lambda: _passes(*args)
 
 
@@ -84,14 +95,16 @@ def model_floor(model, episode, inner_steps: int, cg_steps: int, repeats: int = 
         run = floor_passes(model, episode, inner_steps, cg_steps)
         times = []
         for _ in range(repeats):
+            _sync(xs.device)
             t0 = time.perf_counter()
             run()
+            _sync(xs.device)
             times.append(time.perf_counter() - t0)
     counter = FlopCounterMode(display=False)
     with counter:
         _passes(*args)
     flops = counter.get_total_flops()
-    rate = matmul_gflops()
+    rate = matmul_gflops(device=xs.device)
     return {"compute_s": statistics.median(times), "compute_times_s": times, "flops": flops,
             "matmul_gflops": rate, "flop_bound_s": flops / (rate * 1e9),
             "compute_gflops": flops / statistics.median(times) / 1e9}
@@ -112,12 +125,14 @@ def main(argv=None):
     ap.add_argument("--cg-steps", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = omniglot_conv(args.n_way)
-    ep = omniglot_episode(args.tasks, args.n_way, shots=1, queries=1, seed=0)
+    model = omniglot_conv(args.n_way).to(args.device)
+    ep = tuple(t.to(args.device)
+               for t in omniglot_episode(args.tasks, args.n_way, shots=1, queries=1, seed=0))
     r = model_floor(model, ep, args.inner_steps, args.cg_steps)
     print(f"{torch.get_num_threads()} threads: model compute alone {r['compute_s']:.3f} s "
           f"({r['compute_gflops']:.1f} GFLOP/s), {r['flops'] / 1e9:.1f} GFLOP, matmul "

@@ -1,44 +1,70 @@
 #!/usr/bin/env bash
-# The GPU check: build the extension for this GPU, run the GPU-marked tests, and print the
+# The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
-# benchmarks/results/<gpu name>/). Sized to finish in well under 8 minutes on one H100.
+# benchmarks/results/<gpu name>/). Sized for about 6 minutes on one H100; every step has its
+# own time limit, and the most important ones run first, so that a run cut short still
+# leaves what it finished.
 #
 #   bash benchmarks/gpu_check.sh            # then commit benchmarks/results/<gpu>/
 #
-# The machine needs torch, triton, pybind11, cmake, ninja and nvcc; nothing is downloaded.
+# Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ARCHIVE=FILE
+# also packs the results folder into FILE (.tgz) after every step, for machines from which
+# only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
+# ninja and nvcc; nothing is downloaded. The peers of compare.py (torchopt, betty-ml, higher)
+# are used where installed and skipped otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
+PY=${PYTHON:-python3}
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
   echo "no CUDA GPU visible to torch"; exit 1; }
 RESULTS=${RESULTS:-benchmarks/results/${gpu}}
 mkdir -p "$RESULTS"
-log() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+t_start=$(date +%s)
+log() { echo; echo "=== $* ($(date -u +%H:%M:%S), +$(( $(date +%s) - t_start )) s)"; }
+pack() { [ -n "${GPU_CHECK_ARCHIVE:-}" ] && tar -czf "$GPU_CHECK_ARCHIVE" -C "$RESULTS" . ; true; }
 status=0
-step() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
+# Each step is one pipeline ending in `|| fail NAME; pack` (pipefail: a step fails when its
+# command does, whatever tee and tail do), so that `status` is set in this shell.
+fail() { echo "FAILED: $*"; status=1; }
 
 log "build (CUDA kernels for this GPU's architecture)"
-cc=$(python -c "import torch; a,b=torch.cuda.get_device_capability(); print(f'{a}{b}')")
-step env IMAML_FAST_CUDA_ARCHS="$cc" IMAML_FAST_FORCE_CUDA=1 \
-  pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
-step python -c "import json, imaml_fast; from imaml_fast import _ext; print(json.dumps(_ext.build_info(), indent=1)); [print(b['name'], b['available'], b['reasons']) for b in imaml_fast.backend_info('cuda')]"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$RESULTS/nvidia_smi.txt"
+cc=$($PY -c "import torch; a,b=torch.cuda.get_device_capability(); print(f'{a}{b}')")
+env IMAML_FAST_CUDA_ARCHS="$cc" IMAML_FAST_FORCE_CUDA=1 MAX_JOBS=8 \
+  timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 \
+  || fail "build"; pack
+$PY -c "import json, torch, triton, imaml_fast; from imaml_fast import _ext; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(json.dumps(_ext.build_info(), indent=1)); [print(b['name'], b['available'], b['reasons']) for b in imaml_fast.backend_info('cuda')]" 2>&1 | tee "$RESULTS/build_info.txt" \
+  || fail "backend info"; pack
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv | tee "$RESULTS/nvidia_smi.txt"
 
-log "GPU-marked tests"
-step timeout 240 python -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.txt" | tail -n 15
+log "GPU tests: the GPU-marked tests, then the Triton kernels' tests on the GPU (not the interpreter)"
+timeout 150 $PY -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.txt" | tail -n 25 \
+  || fail "GPU-marked tests"; pack
+timeout 90 $PY -m pytest -q -m "not gpu" tests/test_kernels_triton.py 2>&1 | tee -a "$RESULTS/gpu_tests.txt" | tail -n 15 \
+  || fail "Triton tests on the GPU"; pack
 
-log "vector kernels against the device's copy bandwidth"
-step timeout 90 python benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels.md" 2>&1 | tee "$RESULTS/bench_kernels.txt"
+log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
+timeout 180 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
+  --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
+  || fail "bench_meta_step"; pack
+
+log "imaml_fast against the reference and the installed peers (Omniglot 5-way 1-shot)"
+timeout 150 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 5 \
+  --only "imaml_fast default" "imaml_fast reference" "TorchOpt cg" "TorchOpt normal_cg" "betty cg" \
+  --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
+  || fail "compare.py"; pack
 
 log "CG solve against the HVPs alone (Omniglot network, T=32, 5 iterations)"
-step timeout 90 python benchmarks/bench_cg_vs_hvp.py --device cuda --json "$RESULTS/bench_cg_vs_hvp.json" 2>&1 | tee "$RESULTS/bench_cg_vs_hvp.txt"
+timeout 60 $PY benchmarks/bench_cg_vs_hvp.py --device cuda --json "$RESULTS/bench_cg_vs_hvp.json" 2>&1 | tee "$RESULTS/bench_cg_vs_hvp.txt" \
+  || fail "bench_cg_vs_hvp"; pack
+
+log "vector kernels against the device's copy bandwidth, dense CG"
+timeout 60 $PY benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels.md" 2>&1 | tee "$RESULTS/bench_kernels.txt" \
+  || fail "bench_kernels"; pack
 
 log "where one batched HVP spends its time (profiler, by op and by kind), ATen's layer derivatives vs imaml_fast.layers"
-step timeout 120 python benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md"
-
-log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), bf16 too"
-step timeout 240 python benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
-  --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt"
+timeout 90 $PY benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md" \
+  || fail "profile_hvp"; pack
 
 log "done: results in $RESULTS (status $status)"
 exit $status

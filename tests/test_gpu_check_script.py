@@ -14,7 +14,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 def _invocations():
     text = SCRIPT.read_text().replace("\\\n", " ")
-    calls = re.findall(r"python (benchmarks/\w+\.py)([^|\n]*)", text)
+    calls = re.findall(r"(?:python3?|\$PY) (benchmarks/\w+\.py)([^|\n]*)", text)
     return [(path, sorted(set(re.findall(r"(--[\w-]+)", args)))) for path, args in calls]
 
 

@@ -23,6 +23,14 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "results", "cpu-epyc-2core")
 
 
+def results_dir(device="cpu") -> str:
+    """benchmarks/results/<device>/: this CPU's folder, or one named after the GPU."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(device)).replace(" ", "-")
+        return os.path.join(os.path.dirname(RESULTS_DIR), name)
+    return RESULTS_DIR
+
+
 @dataclass(frozen=True)
 class Settings:
     """One iMAML-GD setting, shared by every implementation of a comparison."""
@@ -114,25 +122,29 @@ def git_revision() -> Optional[str]:
         return None
 
 
-def run_meta(script: str, settings: Dict) -> Dict:
+def run_meta(script: str, settings: Dict, device: str = "cpu") -> Dict:
     """Where and with what a figure was made; recorded in every result file."""
     import imaml_fast
 
-    return {
+    meta = {
         "script": script, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "imaml_fast": imaml_fast.__version__,
         "git": git_revision(),
         "peers": {p: package_version(p) for p in ("torchopt", "betty-ml", "higher")},
         "settings": settings,
     }
+    if torch.device(device).type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        meta["cuda"] = torch.version.cuda
+    return meta
 
 
 def meta_line(meta: Dict) -> str:
-    return (f"{meta['cpu']} ({meta['cpu_count']} cores), torch threads = {meta['threads']}, "
-            f"torch {meta['torch']}, "
-            f"imaml_fast {meta['imaml_fast']}, {meta['date']}")
+    where = (f"{meta['gpu']} (CUDA {meta['cuda']})" if meta.get("gpu") else
+             f"{meta['cpu']} ({meta['cpu_count']} cores), torch threads = {meta['threads']}")
+    return f"{where}, torch {meta['torch']}, imaml_fast {meta['imaml_fast']}, {meta['date']}"
 
 
 def bullet_list(lines) -> str:
