@@ -111,10 +111,18 @@ def check_float64(model, s, ep, tasks, log=print):
 ONLY = None  # --only, for check_float64
 
 
+def _apply_tf32():
+    """--tf32 on/off, passed to the spawned timing processes through the environment."""
+    mode = os.environ.get("IMAML_FAST_BENCH_TF32", "default")
+    if mode != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = mode == "on"
+
+
 def _setting_inputs(n_way, T, device="cpu"):
     """The model and episode every process of a setting builds alike (same seeds)."""
     from imaml_fast.models import omniglot_conv
 
+    _apply_tf32()
     torch.manual_seed(0)
     model = omniglot_conv(n_way).to(device)
     ep = omniglot_episode(T, n_way, shots=1, queries=1, seed=0)
@@ -201,7 +209,10 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="c
 
 def speed_markdown(payload):
     meta = payload["meta"]
-    out = [f"### Seconds per meta-step\n\n{meta_line(meta)}; median of "
+    tf32 = meta["settings"].get("tf32")
+    tf32 = (f"; TF32 for cuDNN convolutions {'on' if tf32['cudnn'] else 'off'}, for matmuls "
+            f"{'on' if tf32['matmul'] else 'off'}" if tf32 and meta.get("gpu") else "")
+    out = [f"### Seconds per meta-step\n\n{meta_line(meta)}{tf32}; median of "
            f"{meta['settings']['repeats']} interleaved rounds after a warm-up; random data, "
            f"authors' Omniglot network, T = {meta['settings']['tasks']}, 1 support + 1 query "
            f"example per class, lam = 2, inner lr 0.1, 5 CG steps.\n"]
@@ -304,8 +315,13 @@ def speed_main(argv=None):
                          "benchmarks/results/<GPU name>/)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where every "
                     "implementation runs (on a GPU the timings synchronise the device)")
+    ap.add_argument("--tf32", choices=("default", "on", "off"), default="default",
+                    help="on a GPU: TF32 for convolutions and matmuls (default: torch's own "
+                         "defaults, cuDNN convolutions in TF32)")
     args = ap.parse_args(argv)
     args.out = args.out or results_dir(args.device)
+    os.environ["IMAML_FAST_BENCH_TF32"] = args.tf32
+    _apply_tf32()
     global ONLY
     ONLY = args.only
     if args.threads:
@@ -318,6 +334,8 @@ def speed_main(argv=None):
     meta = run_meta("benchmarks/compare.py speed", {
         "tasks": args.tasks, "repeats": args.repeats, "settings": args.settings,
         "check_tasks": args.check_tasks, "threads_requested": args.threads,
+        "tf32": {"requested": args.tf32, "cudnn": torch.backends.cudnn.allow_tf32,
+                 "matmul": torch.backends.cuda.matmul.allow_tf32},
         "per_setting": {n: {"n_way": SETTINGS[n][0], "inner_steps": SETTINGS[n][1],
                             "shots": 1, "queries": 1, "cg_steps": 5, "lam": 2.0,
                             "inner_lr": 0.1} for n in args.settings},

@@ -7,7 +7,10 @@
 #
 #   bash benchmarks/gpu_check.sh            # then commit benchmarks/results/<gpu>/
 #
-# Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ARCHIVE=FILE
+# Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
+# compare" runs the build and only these steps (of: tests triton meta compare cg kernels
+# profile);
+# GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
 # only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
 # ninja and nvcc; nothing is downloaded. The peers of compare.py (torchopt, betty-ml, higher)
@@ -27,6 +30,8 @@ status=0
 # Each step is one pipeline ending in `|| fail NAME; pack` (pipefail: a step fails when its
 # command does, whatever tee and tail do), so that `status` is set in this shell.
 fail() { echo "FAILED: $*"; status=1; }
+ONLY=${GPU_CHECK_ONLY:-all}
+want() { [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]; }
 
 log "build (CUDA kernels for this GPU's architecture)"
 cc=$($PY -c "import torch; a,b=torch.cuda.get_device_capability(); print(f'{a}{b}')")
@@ -37,34 +42,54 @@ $PY -c "import json, torch, triton, imaml_fast; from imaml_fast import _ext; pri
   || fail "backend info"; pack
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv | tee "$RESULTS/nvidia_smi.txt"
 
+if want tests; then
 log "GPU tests: the GPU-marked tests, then the Triton kernels' tests on the GPU (not the interpreter)"
 timeout 150 $PY -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.txt" | tail -n 25 \
   || fail "GPU-marked tests"; pack
+fi
+if want triton; then
 timeout 90 $PY -m pytest -q -m "not gpu" tests/test_kernels_triton.py 2>&1 | tee -a "$RESULTS/gpu_tests.txt" | tail -n 15 \
   || fail "Triton tests on the GPU"; pack
+fi
 
+if want meta; then
 log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
 timeout 180 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
   --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
   || fail "bench_meta_step"; pack
+fi
 
+if want compare; then
 log "imaml_fast against the reference and the installed peers (Omniglot 5-way 1-shot)"
-timeout 150 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 5 \
+timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 3 \
   --only "imaml_fast default" "imaml_fast reference" "TorchOpt cg" "TorchOpt normal_cg" "betty cg" \
   --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
   || fail "compare.py"; pack
+log "float32 meta-gradients with TF32 off (cuDNN's default is TF32 convolutions): default vs reference"
+timeout 75 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 1 --tf32 off \
+  --check-tasks 0 \
+  --only "imaml_fast default" "imaml_fast reference" --name compare_speed_tf32off \
+  --out "$RESULTS" 2>&1 | tee "$RESULTS/compare_speed_tf32off.txt" \
+  || fail "compare.py --tf32 off"; pack
+fi
 
+if want cg; then
 log "CG solve against the HVPs alone (Omniglot network, T=32, 5 iterations)"
 timeout 60 $PY benchmarks/bench_cg_vs_hvp.py --device cuda --json "$RESULTS/bench_cg_vs_hvp.json" 2>&1 | tee "$RESULTS/bench_cg_vs_hvp.txt" \
   || fail "bench_cg_vs_hvp"; pack
+fi
 
+if want kernels; then
 log "vector kernels against the device's copy bandwidth, dense CG"
 timeout 60 $PY benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels.md" 2>&1 | tee "$RESULTS/bench_kernels.txt" \
   || fail "bench_kernels"; pack
+fi
 
+if want profile; then
 log "where one batched HVP spends its time (profiler, by op and by kind), ATen's layer derivatives vs imaml_fast.layers"
 timeout 90 $PY benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md" \
   || fail "profile_hvp"; pack
+fi
 
 log "done: results in $RESULTS (status $status)"
 exit $status

@@ -48,9 +48,12 @@ def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vma
                 continue
             for j0 in range(0, P, chunk):
                 j1 = min(j0 + chunk, P)
+                # basis[i, :, j0 + i] = 1, written from an identity made on the device (a
+                # scalar written through an index is a host-to-device copy, which a CUDA
+                # graph capture refuses)
                 basis = torch.zeros(j1 - j0, n, P, dtype=phi.dtype, device=phi.device)
-                idx = torch.arange(j1 - j0, device=phi.device)
-                basis[idx, :, j0 + idx] = 1
+                basis[:, :, j0:j1] = torch.eye(j1 - j0, dtype=phi.dtype,
+                                               device=phi.device).unsqueeze(1)
                 cols = torch.autograd.grad(g, span, basis, retain_graph=True,
                                            is_grads_batched=True, allow_unused=True,
                                            materialize_grads=True)

@@ -35,6 +35,18 @@ def test_captured_pipeline_makes_no_host_sync(solver, hvp):
         bool(r.cg_status.sum() > 0)
 
 
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_captured_dense_path_makes_no_host_sync(solver):
+    # A small model on CUDA takes the dense-Hessian path under cg_dense="auto": captured too.
+    fm = FunctionalModel(conv_bn().float().to("meta"), F.cross_entropy)
+    xs = torch.empty(3, 4, 1, 6, 6, device="meta")
+    ys = torch.empty(3, 4, dtype=torch.long, device="meta")
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2, cg_steps=3, hf_cg_steps=2,
+                      backend="torch", task_batching="vmap", cg_dense="always")
+    r = meta_gradient_flat(fm, xs, ys, xs, ys, cfg, validate_values=False)
+    assert r.hvp == "dense" and r.grads_flat.shape == (fm.num_params,)
+
+
 def test_cuda_graphs_need_a_cuda_model():
     model = conv_bn()
     with pytest.raises(ValueError, match="CUDA"):

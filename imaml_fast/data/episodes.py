@@ -122,6 +122,7 @@ class EpisodeSampler:
         self._uniform = bool((classes.counts == self._max_count).all())
         self._images_on_device = bool(images_on_device)
         images = classes.images.to(self.device) if images_on_device else classes.images
+        self._lut = torch.arange(256, dtype=self.dtype).div_(255).to(self.device)
         if self.rotations != (0,):  # R rotated copies: a rotation is then just a row offset
             images = torch.cat([torch.rot90(images, r // 90, dims=(-2, -1))
                                 for r in self.rotations])
@@ -175,7 +176,11 @@ class EpisodeSampler:
             x = self._images.index_select(0, rows.to(self.device))
         else:
             x = self._images.index_select(0, rows).to(self.device, non_blocking=True)
-        return x.view(shape).to(self.dtype).div_(255)
+        # pixel / 255 through a 256-entry table computed on the CPU: CUDA divides by a scalar
+        # as a multiplication by its reciprocal, which differs from the CPU's division in the
+        # last bit for some pixels (seen on an H100); the table gives every device the CPU's
+        # values.
+        return self._lut.index_select(0, x.reshape(-1).int()).view(shape)
 
     def __iter__(self) -> Iterator[Episode]:
         """An endless stream of episodes."""
