@@ -62,7 +62,8 @@ fi
 if want compare; then
 log "imaml_fast against the reference and the installed peers (Omniglot 5-way 1-shot)"
 timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 3 \
-  --only "imaml_fast default" "imaml_fast reference" "TorchOpt cg" "TorchOpt normal_cg" "betty cg" \
+  --only "imaml_fast default" "imaml_fast CUDA graphs" "imaml_fast reference" "TorchOpt cg" \
+  "TorchOpt normal_cg" "betty cg" \
   --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
   || fail "compare.py"; pack
 log "float32 meta-gradients with TF32 off (cuDNN's default is TF32 convolutions): default vs reference"

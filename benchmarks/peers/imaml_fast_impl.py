@@ -1,6 +1,7 @@
 """imaml_fast itself, as one implementation per backend: the default (backend="auto") and every
 other backend that imaml_fast.backend_info() says can run here (on the CPU: "reference", the
-sequential per-task path with the structure of the authors' code and the paper's math)."""
+sequential per-task path with the structure of the authors' code and the paper's math); on a
+GPU also the default captured as CUDA graphs (IMAML(..., cuda_graphs=True))."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import torch
 from .common import Result, Settings
 
 DEFAULT = "imaml_fast default"
+CUDA_GRAPHS = "imaml_fast CUDA graphs"
 
 
 def config(s: Settings, **overrides):
@@ -20,13 +22,23 @@ def config(s: Settings, **overrides):
                        lam=s.lam, cg_steps=s.cg_steps, cg_tol=s.cg_tol, **overrides)
 
 
-def build(model: torch.nn.Module, loss_fn, s: Settings, **overrides):
-    from imaml_fast import meta_gradient
+def build(model: torch.nn.Module, loss_fn, s: Settings, cuda_graphs: bool = False,
+          **overrides):
+    """cuda_graphs: through IMAML(..., cuda_graphs=True), one captured graph per signature."""
+    from imaml_fast import IMAML, meta_gradient
 
     cfg = config(s, **overrides)
+    if cuda_graphs:
+        learner = IMAML(model, loss_fn, cfg, cuda_graphs=True)
+
+        def step(xs, ys, xq, yq):
+            return learner.meta_gradient(xs, ys, xq, yq)
+    else:
+        def step(xs, ys, xq, yq):
+            return meta_gradient(model, loss_fn, xs, ys, xq, yq, cfg)
 
     def run(xs, ys, xq, yq) -> Result:
-        r = meta_gradient(model, loss_fn, xs, ys, xq, yq, cfg)
+        r = step(xs, ys, xq, yq)
         return Result(grad=r.grads_flat, phi=r.adapted_flat,
                       info={"backend": r.backend, "hvp": r.hvp,
                             "task_batching": r.task_batching,
@@ -53,4 +65,8 @@ def variants(device="cpu", dtype=torch.float32) -> Tuple[List[Tuple[str, Dict]],
                            "kernels in the interpreter, a test mode, not a speed to compare")
         elif b["name"] != auto:  # the default already runs `auto`'s backend
             out.append((f"imaml_fast {b['name']}", {"backend": b["name"]}))
+    from imaml_fast.graphs import graphs_why_not
+
+    if not graphs_why_not(device):  # the default's backend, captured
+        out.append((CUDA_GRAPHS, {"cuda_graphs": True}))
     return out, skipped
