@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
-# benchmarks/results/<gpu name>/). Sized for about 6 minutes on one H100; every step has its
+# benchmarks/results/<gpu name>/). On one H100 the build, tests and kernel/meta-step benchmarks
+# took 4.5 minutes; the peers comparison and the memory figure add about 4. Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
 #   bash benchmarks/gpu_check.sh            # then commit benchmarks/results/<gpu>/
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
-# compare" runs the build and only these steps (of: tests triton meta compare cg kernels
-# profile);
+# compare" runs the build and only these steps (of: tests triton meta compare memory cg
+# kernels profile);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
 # only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
@@ -72,6 +73,13 @@ timeout 75 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --re
   --only "imaml_fast default" "imaml_fast reference" --name compare_speed_tf32off \
   --out "$RESULTS" 2>&1 | tee "$RESULTS/compare_speed_tf32off.txt" \
   || fail "compare.py --tf32 off"; pack
+fi
+
+if want memory; then
+log "peak GPU memory against inner steps K: iMAML flat, unrolled MAML (higher) growing"
+timeout 150 $PY benchmarks/memory_vs_steps.py --device cuda --tasks 32 --steps 5 20 80 \
+  --impls "imaml_fast default" "higher unrolled MAML" --out "$RESULTS" 2>&1 \
+  | tee "$RESULTS/memory_vs_steps.txt" || fail "memory_vs_steps"; pack
 fi
 
 if want cg; then

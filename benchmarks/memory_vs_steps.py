@@ -6,7 +6,10 @@ memory grows linearly with K. On the CPU each point is a FRESH SUBPROCESS: it im
 and one implementation, builds the model and the meta-batch, records its resident set size
 (VmRSS), resets its peak-RSS mark to that (/proc/self/clear_refs), runs ONE meta-step and
 reads the peak (VmHWM). Reported: the peak, and its increase over the RSS after set-up
-("delta"), which is what the meta-step itself needed.
+("delta"), which is what the meta-step itself needed. On a GPU (--device cuda) each point is
+also a fresh subprocess, and the figure is the device memory that PyTorch's allocator handed
+out: torch.cuda.memory_allocated() after set-up, the peak torch.cuda.max_memory_allocated()
+of the step (the peak mark reset after set-up), and their difference.
 
 Why not getrusage(RUSAGE_SELF).ru_maxrss alone: Linux keeps the high-water mark across
 fork + exec, so a child's ru_maxrss is never below its parent's RSS at the fork (a child of
@@ -17,6 +20,7 @@ Settings: the authors' Omniglot network, 5-way 1-shot (1 query example per class
 tasks, lam = 2, inner lr 0.1, 5 CG steps, K in {5, 10, 20, 40, 80}, random data, float32.
 
     python benchmarks/memory_vs_steps.py [--steps 5 10 20 40 80] [--tasks 8] [--threads 1]
+                                         [--device cuda]
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def reset_peak() -> bool:
         return False
 
 
-def child(impl_name: str, K: int, T: int, n_way: int, threads: int) -> dict:
+def child(impl_name: str, K: int, T: int, n_way: int, threads: int, device: str = "cpu") -> dict:
     """One point, in this (fresh) process: set-up, then one meta-step."""
     import warnings
 
@@ -73,13 +77,15 @@ def child(impl_name: str, K: int, T: int, n_way: int, threads: int) -> dict:
     from peers.common import Settings, omniglot_episode
 
     torch.manual_seed(0)
-    model = omniglot_conv(n_way)
-    ep = omniglot_episode(T, n_way, seed=0)
+    model = omniglot_conv(n_way).to(device)
+    ep = tuple(t.to(device) for t in omniglot_episode(T, n_way, seed=0))
     s = Settings(inner_steps=K, inner_lr=0.1, lam=2.0, cg_steps=5)
     impls, skipped = implementations(model, F.cross_entropy, s, names=[impl_name],
                                      log=lambda m: None)
     if impl_name not in impls:
         return {"impl": impl_name, "K": K, "skipped": "; ".join(skipped) or "unknown name"}
+    if torch.device(device).type == "cuda":
+        return _cuda_point(impls[impl_name], ep, impl_name, K, device)
     rss_setup = proc_status_kb("VmRSS")
     hwm_setup = proc_status_kb("VmHWM")
     maxrss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -97,9 +103,28 @@ def child(impl_name: str, K: int, T: int, n_way: int, threads: int) -> dict:
             "threads": torch.get_num_threads(), "info": result.info}
 
 
-def measure(impl_name, K, T, n_way, threads=0, timeout=600):
+def _cuda_point(impl, ep, impl_name, K, device) -> dict:
+    """One GPU point: the allocator's memory after set-up and its peak during one step."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    setup = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = impl(*ep)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device)
+    mib = 1024 * 1024
+    return {"impl": impl_name, "K": K, "rss_after_setup_mb": setup / mib,
+            "peak_after_step_mb": peak / mib, "delta_mb": (peak - setup) / mib,
+            "memory": "torch.cuda.max_memory_allocated", "step_s": seconds,
+            "info": result.info}
+
+
+def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu"):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl_name, str(K), str(T),
-           str(n_way), str(threads or 0)]
+           str(n_way), str(threads or 0), str(device)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -115,9 +140,11 @@ def markdown(payload):
     steps = st["steps"]
     out = [f"### Peak memory against inner steps K\n\n{meta_line(meta)}; one meta-step in a "
            f"fresh subprocess per point; authors' Omniglot network, {st['n_way']}-way 1-shot, "
-           f"T = {st['tasks']}, lam = 2, inner lr 0.1, 5 CG steps, float32. Each cell: peak RSS "
-           f"after the step minus RSS after imports and set-up, MiB (peak RSS in "
-           f"parentheses).\n",
+           f"T = {st['tasks']}, lam = 2, inner lr 0.1, 5 CG steps, float32. Each cell: "
+           + (f"peak of torch.cuda.max_memory_allocated during the step minus the memory "
+              f"allocated after set-up, MiB (the peak in parentheses).\n" if meta.get("gpu") else
+              f"peak RSS after the step minus RSS after imports and set-up, MiB (peak RSS in "
+              f"parentheses).\n"),
            "| implementation | " + " | ".join(f"K = {k}" for k in steps) +
            " | growth K=" + f"{steps[0]}->{steps[-1]} |",
            "| --- | " + " | ".join("---:" for _ in steps) + " | ---: |"]
@@ -140,9 +167,10 @@ def markdown(payload):
         a, b = d[steps[0]]["peak_after_step_mb"], d[steps[-1]]["peak_after_step_mb"]
         change = (b - a) / a
         da, db = d[steps[0]]["delta_mb"], d[steps[-1]]["delta_mb"]
+        what = "peak allocated" if meta.get("gpu") else "peak RSS"
         out.append(f"\nTarget: imaml_fast default's peak memory at K = {steps[-1]} within 10% of "
                    f"K = {steps[0]}: **{'met' if abs(change) <= 0.10 else 'missed'}** "
-                   f"({100 * change:+.1f}% peak RSS, {b:.0f} vs {a:.0f} MiB; "
+                   f"({100 * change:+.1f}% {what}, {b:.0f} vs {a:.0f} MiB; "
                    f"{100 * (db - da) / da:+.1f}% above set-up, {db:.0f} vs {da:.0f} MiB).")
     notes = []
     for name in st["impls"]:
@@ -179,7 +207,8 @@ def plot(payload, path):
                     ax.annotate(str(tb), (r["K"], r["delta_mb"]), textcoords="offset points",
                                 xytext=(0, -12), ha="center", fontsize=7, color=f"C{i}")
     ax.set_xlabel("inner steps K")
-    ax.set_ylabel("peak RSS - RSS after set-up (MiB)")
+    ax.set_ylabel("peak allocated - allocated after set-up (MiB)" if payload["meta"].get("gpu")
+                  else "peak RSS - RSS after set-up (MiB)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(st["steps"], [str(k) for k in st["steps"]])
     ax.set_title(f"one meta-step, {st['n_way']}-way 1-shot, T = {st['tasks']}, 5 CG steps",
@@ -190,8 +219,10 @@ def plot(payload, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Figure 2: peak memory against inner steps")
-    ap.add_argument("--child", nargs=5, metavar=("IMPL", "K", "T", "N_WAY", "THREADS"),
+    ap.add_argument("--child", nargs=6, metavar=("IMPL", "K", "T", "N_WAY", "THREADS", "DEVICE"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda[:i] (peak of "
+                    "torch.cuda.max_memory_allocated)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads in each subprocess (default: torch's choice)")
     ap.add_argument("--steps", type=int, nargs="+", default=STEPS)
@@ -203,17 +234,17 @@ def main(argv=None):
                     help="only rewrite the markdown and the plot from the saved JSON")
     args = ap.parse_args(argv)
     if args.child:
-        name, K, T, n_way, threads = args.child
-        print(json.dumps(child(name, int(K), int(T), int(n_way), int(threads))))
+        name, K, T, n_way, threads, device = args.child
+        print(json.dumps(child(name, int(K), int(T), int(n_way), int(threads), device)))
         return None
 
     import torch
 
-    from peers.common import RESULTS_DIR, run_meta, write_json, write_text
+    from peers.common import results_dir, run_meta, write_json, write_text
 
     if args.threads:  # the subprocesses set it themselves; this makes the metadata say so
         torch.set_num_threads(args.threads)
-    out_dir = args.out or RESULTS_DIR
+    out_dir = args.out or results_dir(args.device)
     if args.replot:
         with open(os.path.join(out_dir, "memory_vs_steps.json")) as f:
             payload = json.load(f)
@@ -224,7 +255,7 @@ def main(argv=None):
     rows = []
     for name in args.impls:
         for K in args.steps:
-            r = measure(name, K, args.tasks, args.n_way, args.threads)
+            r = measure(name, K, args.tasks, args.n_way, args.threads, device=args.device)
             rows.append(r)
             if "skipped" in r:
                 print(f"{name}: {r['skipped']}")
@@ -241,9 +272,13 @@ def main(argv=None):
         "steps": args.steps, "tasks": args.tasks, "n_way": args.n_way, "shots": 1,
         "queries": 1, "cg_steps": 5, "lam": 2.0, "inner_lr": 0.1, "impls": args.impls,
         "threads": args.threads,
-        "method": "fresh subprocess per point; peak RSS (VmHWM, reset to the current RSS "
-                  "after set-up through /proc/self/clear_refs) after one meta-step, minus "
-                  "VmRSS after imports and set-up; ru_maxrss recorded too (see docstring)"})
+        "method": ("fresh subprocess per point; torch.cuda.max_memory_allocated during one "
+                   "meta-step (peak mark reset after set-up) minus torch.cuda.memory_allocated "
+                   "after set-up" if torch.device(args.device).type == "cuda" else
+                   "fresh subprocess per point; peak RSS (VmHWM, reset to the current RSS "
+                   "after set-up through /proc/self/clear_refs) after one meta-step, minus "
+                   "VmRSS after imports and set-up; ru_maxrss recorded too (see docstring)")},
+        device=args.device)
     meta["wall_s"] = time.perf_counter() - t0
     payload = {"meta": meta, "rows": rows}
     print("\nwrote", write_json("memory_vs_steps.json", payload, out_dir))
