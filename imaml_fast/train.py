@@ -34,7 +34,7 @@ from .trainer import IMAML
 
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
-                     "nproc")
+                     "nproc", "cuda_graphs")
 EVAL_SEED = 2019
 # A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
 # row end the run with the error.
@@ -64,6 +64,7 @@ class RunSettings:
     outer_lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    cuda_graphs: bool = False
     data_root: Optional[str] = None
     out: Optional[str] = None
     checkpoint_every: int = 100
@@ -105,6 +106,15 @@ class RunSettings:
             raise ValueError(f"device={self.device!r} is invalid: {e}") from None
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available: use --device cpu")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is invalid: expected True or False")
+        if self.cuda_graphs and self.backend == "reference":
+            raise ValueError("cuda_graphs=True cannot capture backend='reference' (it decides on "
+                             "the host every iteration): use another backend, or leave out "
+                             "--cuda-graphs")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, but device={self.device!r}: "
+                             f"use --device cuda, or leave out --cuda-graphs")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,7 +220,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         with fm.layer_derivatives(cfg.layer_derivatives, backend):
             s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support,
                                               probe.y_support, **step_counts(cfg))
-    learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1)
+    learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1,
+                    cuda_graphs=s.cuda_graphs)
     metrics_path = out / "metrics.jsonl"
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,13 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
 
 
+def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
+    run(["train", "--cuda-graphs", "--out", "x"], capsys)
+    assert trained_settings["s"].cuda_graphs is True
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].cuda_graphs is False
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--lam", "-1", "--out", "{tmp}/a"], "IMAMLConfig.lam=-1.0 is invalid"),
     (["train", "--inner-solver", "hf", "--hvp", "auto", "--backend", "nope", "--out", "{tmp}/b"],
@@ -67,10 +74,11 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     (["train", "--resume", "--out", "{tmp}/nothing"], "does not exist"),
     (["eval", "{tmp}/none.pt"], "no checkpoint at"),
     (["train", "--device", "cuda:0", "--out", "{tmp}/e"], "cuda"),
+    (["train", "--cuda-graphs", "--out", "{tmp}/f"], "cuda_graphs=True needs a CUDA device"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "cuda" in message:
+    if message == "cuda":
         import torch
         if torch.cuda.is_available():
             pytest.skip("this check needs a machine without CUDA")

@@ -177,3 +177,25 @@ def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
         train(sin_settings(run, steps=6, layer_derivatives="autograd"), resume=True)
     train(sin_settings(run, steps=6), resume=True)
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(cuda_graphs=True, backend="reference"), "cannot capture backend='reference'"),
+    (dict(cuda_graphs=True, device="cpu"), "cuda_graphs=True needs a CUDA device, but device='cpu'"),
+    (dict(cuda_graphs="yes"), "cuda_graphs='yes' is invalid"),
+])
+def test_cuda_graphs_setting_is_checked_before_anything_is_written(tmp_path, kw, message):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        train(sin_settings(run, **kw))
+    assert not run.exists()
+
+
+def test_cuda_graphs_may_change_on_resume(tmp_path):
+    """Capturing changes how a step is launched, not what it computes (the GPU tests compare
+    replays with uncaptured steps), so a run may resume with or without it, like --device."""
+    from imaml_fast.train import RESUMABLE_CHANGES, _check_resumable
+
+    assert "cuda_graphs" in RESUMABLE_CHANGES
+    saved = sin_settings(tmp_path, cuda_graphs=True).to_dict()
+    _check_resumable(saved, sin_settings(tmp_path), tmp_path / "checkpoint.pt")  # no error
