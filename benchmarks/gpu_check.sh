@@ -10,7 +10,7 @@
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
 # compare" runs the build and only these steps (of: tests triton meta compare memory cg
-# kernels profile);
+# kernels profile, and tf32, a diagnostic that only runs when named);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
 # only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
@@ -67,6 +67,9 @@ timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --r
   "TorchOpt normal_cg" "betty cg" \
   --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
   || fail "compare.py"; pack
+fi
+
+if [[ " $ONLY " == *" tf32 "* ]]; then  # a diagnostic, only when asked for by name
 log "float32 meta-gradients with TF32 off (cuDNN's default is TF32 convolutions): default vs reference"
 timeout 75 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 1 --tf32 off \
   --check-tasks 0 \
