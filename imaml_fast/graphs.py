@@ -31,6 +31,12 @@ from .implicit import MetaGradient, meta_gradient_flat
 from .validation import validate_episode
 
 
+class CaptureFailed(RuntimeError):
+    """Capturing the meta-gradient as a CUDA graph failed, after the same computation had run
+    uncaptured without error (so the model and data are fine: the model does something a
+    capture refuses, such as reading a device value on the host)."""
+
+
 def graphs_why_not(device: torch.device) -> list:
     """Why CUDA graphs cannot run on this device; empty when they can."""
     device = torch.device(device)
@@ -55,7 +61,11 @@ class CapturedMetaGradient:
     """meta_gradient_flat(fm, ...) captured as a CUDA graph per input signature."""
 
     def __init__(self, fm: FunctionalModel, config: IMAMLConfig,
-                 operator: Optional[Tuple[float, float]] = None, warmup: int = 2):
+                 operator: Optional[Tuple[float, float]] = None, warmup: int = 2,
+                 max_graphs: Optional[int] = None):
+        """max_graphs: capture at most this many input signatures (each holds its static
+        inputs and its memory pool); calls with further signatures run uncaptured.
+        None: no limit."""
         reasons = graphs_why_not(fm.device)
         if reasons:
             raise ValueError("cuda_graphs needs a CUDA model: " + "; ".join(reasons))
@@ -63,9 +73,14 @@ class CapturedMetaGradient:
             raise ValueError("cuda_graphs cannot capture the reference backend (it decides on "
                              "the host after every CG iteration); use backend='auto'")
         self.fm, self.config, self.operator, self.warmup = fm, config, operator, warmup
+        if max_graphs is not None and (isinstance(max_graphs, bool) or not isinstance(max_graphs, int)
+                                       or max_graphs < 0):
+            raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 0 or None")
+        self.max_graphs = max_graphs
         self._graphs: Dict[tuple, tuple] = {}
         self.captures = 0
         self.replays = 0
+        self.uncaptured = 0
 
     @staticmethod
     def _key(tensors) -> tuple:
@@ -86,8 +101,12 @@ class CapturedMetaGradient:
                 self._run(*static, validate_values=False)
         torch.cuda.current_stream(static[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._run(*static, validate_values=False)
+        try:
+            with torch.cuda.graph(graph):
+                out = self._run(*static, validate_values=False)
+        except Exception as e:  # the uncaptured runs above passed: the capture itself failed
+            raise CaptureFailed(f"capturing the meta-gradient as a CUDA graph failed "
+                                f"({type(e).__name__}: {e})") from e
         self.captures += 1
         return graph, static, out
 
@@ -97,6 +116,9 @@ class CapturedMetaGradient:
         key = self._key(inputs)
         entry = self._graphs.get(key)
         if entry is None:
+            if self.max_graphs is not None and len(self._graphs) >= self.max_graphs:
+                self.uncaptured += 1
+                return self._run(*inputs, validate_values=True)
             entry = self._graphs[key] = self._capture(inputs)
         graph, static, out = entry
         for dst, src in zip(static, inputs):

@@ -64,7 +64,7 @@ class RunSettings:
     outer_lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
-    cuda_graphs: bool = False
+    cuda_graphs: object = "auto"    # "auto" | True | False, as IMAML's
     data_root: Optional[str] = None
     out: Optional[str] = None
     checkpoint_every: int = 100
@@ -106,13 +106,14 @@ class RunSettings:
             raise ValueError(f"device={self.device!r} is invalid: {e}") from None
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available: use --device cpu")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is invalid: expected True or False")
-        if self.cuda_graphs and self.backend == "reference":
+        if self.cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is invalid: use 'auto', True or "
+                             f"False")
+        if self.cuda_graphs is True and self.backend == "reference":
             raise ValueError("cuda_graphs=True cannot capture backend='reference' (it decides on "
                              "the host every iteration): use another backend, or leave out "
                              "--cuda-graphs")
-        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+        if self.cuda_graphs is True and torch.device(self.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, but device={self.device!r}: "
                              f"use --device cuda, or leave out --cuda-graphs")
 

@@ -54,13 +54,19 @@ class IMAML:
         of the meta-batch to meta_step/accumulate; the meta-gradient is the mean over all
         ranks' tasks (imaml_fast.distributed). Every rank must call with the same parameters.
     cuda_graphs: capture the whole meta-gradient as a CUDA graph per input signature and
-        replay it (imaml_fast.graphs; CUDA models only). With check_finite=False a meta-step
-        then makes no host synchronisation at all.
+        replay it (imaml_fast.graphs). With check_finite=False a meta-step then makes no host
+        synchronisation at all. "auto" (the default): on for a CUDA model (unless
+        backend="reference"), for up to AUTO_MAX_GRAPHS input signatures (further ones run
+        uncaptured), and if a capture fails this learner warns once and runs uncaptured from
+        then on; off elsewhere. True: on, and a CPU model or a failed capture is an error.
+        False: off.
     """
+
+    AUTO_MAX_GRAPHS = 8
 
     def __init__(self, model: nn.Module, loss_fn: Callable, config: Optional[IMAMLConfig] = None,
                  outer_optimizer: Optional[torch.optim.Optimizer] = None,
-                 distributed: bool = False, process_group=None, cuda_graphs: bool = False):
+                 distributed: bool = False, process_group=None, cuda_graphs="auto"):
         self.model = model
         self.loss_fn = loss_fn
         self.config = IMAMLConfig() if config is None else config
@@ -72,10 +78,17 @@ class IMAML:
         self.distributed = distributed
         self.process_group = process_group
         self._graphed = None
-        if cuda_graphs:
-            from .graphs import CapturedMetaGradient
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs={cuda_graphs!r} is invalid: use 'auto', True or False")
+        self._graphs_auto = cuda_graphs == "auto"
+        from .graphs import CapturedMetaGradient, graphs_why_not
 
+        if cuda_graphs is True:
             self._graphed = CapturedMetaGradient(self._fm, self.config)
+        elif (self._graphs_auto and self.config.backend != "reference"
+              and not graphs_why_not(self._fm.device)):
+            self._graphed = CapturedMetaGradient(self._fm, self.config,
+                                                 max_graphs=self.AUTO_MAX_GRAPHS)
         if distributed:
             from . import distributed as dist_mod
 
@@ -84,6 +97,11 @@ class IMAML:
                                  "group: call torch.distributed.init_process_group first (or "
                                  "launch with torchrun / imaml-fast train --nproc N)")
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether meta-gradients are captured and replayed as CUDA graphs (see __init__)."""
+        return self._graphed is not None
+
     def _theta(self) -> torch.Tensor:
         params = dict(self._fm.model.named_parameters())
         return self._fm.flatten_params(params)
@@ -91,7 +109,19 @@ class IMAML:
     def meta_gradient(self, x_support, y_support, x_query, y_query) -> MetaGradient:
         """The meta-gradient at the model's current parameters; changes nothing."""
         if self._graphed is not None:
-            return self._graphed(self._theta(), x_support, y_support, x_query, y_query)
+            from .graphs import CaptureFailed
+
+            try:
+                return self._graphed(self._theta(), x_support, y_support, x_query, y_query)
+            except CaptureFailed as e:
+                if not self._graphs_auto:
+                    raise
+                import warnings
+
+                warnings.warn(f"{e}; this IMAML learner runs its meta-steps uncaptured from "
+                              f"now on (pass cuda_graphs=False to skip the attempt)",
+                              RuntimeWarning, stacklevel=2)
+                self._graphed = None
         return meta_gradient_flat(self._fm, x_support, y_support, x_query, y_query,
                                   self.config, theta=self._theta())
 

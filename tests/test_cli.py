@@ -62,6 +62,8 @@ def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     run(["train", "--cuda-graphs", "--out", "x"], capsys)
     assert trained_settings["s"].cuda_graphs is True
     run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].cuda_graphs == "auto"
+    run(["train", "--no-cuda-graphs", "--out", "z"], capsys)
     assert trained_settings["s"].cuda_graphs is False
 
 

@@ -53,6 +53,108 @@ def test_cuda_graphs_need_a_cuda_model():
         IMAML(model, F.cross_entropy, IMAMLConfig(), cuda_graphs=True)
 
 
+def test_cuda_graphs_auto_is_off_for_a_cpu_model_and_the_option_is_checked():
+    model = conv_bn()
+    assert IMAML(model, F.cross_entropy, IMAMLConfig()).cuda_graphs is False  # default "auto"
+    assert IMAML(model, F.cross_entropy, IMAMLConfig(), cuda_graphs=False).cuda_graphs is False
+    with pytest.raises(ValueError, match="cuda_graphs='yes' is invalid"):
+        IMAML(model, F.cross_entropy, IMAMLConfig(), cuda_graphs="yes")
+
+
+class _FailingCapture:
+    """Stands in for a CapturedMetaGradient whose capture fails."""
+
+    calls = 0
+
+    def __call__(self, *inputs):
+        from imaml_fast.graphs import CaptureFailed
+
+        _FailingCapture.calls += 1
+        raise CaptureFailed("capturing the meta-gradient as a CUDA graph failed (test)")
+
+
+def _episode():
+    torch.manual_seed(0)
+    return class_episode(4, 4, 4, (1, 6, 6), 3)
+
+
+def test_auto_falls_back_to_uncaptured_once_when_a_capture_fails():
+    model = conv_bn()
+    cfg = IMAMLConfig(inner_steps=2, cg_steps=2)
+    ep = _episode()
+    want = IMAML(model, F.cross_entropy, cfg, cuda_graphs=False).meta_gradient(*ep)
+    learner = IMAML(model, F.cross_entropy, cfg)  # "auto"
+    learner._graphed, _FailingCapture.calls = _FailingCapture(), 0  # as on a GPU
+    with pytest.warns(RuntimeWarning, match="runs its meta-steps uncaptured from now on"):
+        got = learner.meta_gradient(*ep)
+    torch.testing.assert_close(got.grads_flat, want.grads_flat, rtol=0, atol=0)
+    assert learner.cuda_graphs is False
+    learner.meta_gradient(*ep)  # no second attempt
+    assert _FailingCapture.calls == 1
+
+
+def test_explicit_cuda_graphs_raise_when_the_capture_fails():
+    learner = IMAML(conv_bn(), F.cross_entropy, IMAMLConfig(inner_steps=2, cg_steps=2),
+                    cuda_graphs=False)
+    learner._graphed, learner._graphs_auto = _FailingCapture(), False  # as cuda_graphs=True
+    from imaml_fast.graphs import CaptureFailed
+
+    with pytest.raises(CaptureFailed, match="test"):
+        learner.meta_gradient(*_episode())
+
+
+def test_signatures_past_max_graphs_run_uncaptured(monkeypatch):
+    """The bookkeeping of CapturedMetaGradient, on the CPU: capture is replaced by a
+    recording stand-in; the signature past max_graphs runs the plain computation."""
+    import imaml_fast.graphs as G
+
+    monkeypatch.setattr(G, "graphs_why_not", lambda device: [])
+    fm = FunctionalModel(conv_bn(), F.cross_entropy)
+    cfg = IMAMLConfig(inner_steps=2, cg_steps=2)
+    captured = []
+
+    class Replay:
+        def replay(self):
+            pass
+
+    def fake_capture(self, inputs):
+        captured.append(tuple(inputs[1].shape))
+        static = tuple(t.detach().clone() for t in inputs)
+        return Replay(), static, self._run(*static, validate_values=True)
+
+    monkeypatch.setattr(G.CapturedMetaGradient, "_capture", fake_capture)
+    graphed = G.CapturedMetaGradient(fm, cfg, max_graphs=2)
+    eps = [class_episode(T, 4, 4, (1, 6, 6), 3) for T in (2, 3, 4)]
+    for ep in eps + eps[:1]:
+        graphed(fm.theta, *ep)
+    assert captured == [tuple(eps[0][0].shape), tuple(eps[1][0].shape)]
+    assert (graphed.captures, graphed.uncaptured, graphed.replays) == (0, 1, 3)
+    got = graphed(fm.theta, *eps[2])  # past the limit: the plain computation
+    want = meta_gradient_flat(fm, *eps[2], cfg, theta=fm.theta)
+    torch.testing.assert_close(got.grads_flat, want.grads_flat, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_graphs=-1 is invalid"):
+        G.CapturedMetaGradient(fm, cfg, max_graphs=-1)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_captures_a_cuda_model_and_equals_uncaptured():
+    torch.manual_seed(0)
+    model = conv_bn().float().cuda()
+    cfg = IMAMLConfig(inner_steps=3, cg_steps=4)
+    auto, plain = IMAML(model, F.cross_entropy, cfg), IMAML(model, F.cross_entropy, cfg,
+                                                           cuda_graphs=False)
+    assert auto.cuda_graphs and not plain.cuda_graphs
+    for seed in range(2):
+        torch.manual_seed(seed)
+        ep = [t.cuda() for t in class_episode(6, 4, 4, (1, 6, 6), 3)]
+        ep = [t.float() if t.is_floating_point() else t for t in ep]
+        a, b = plain.meta_gradient(*ep), auto.meta_gradient(*ep)
+        torch.testing.assert_close(b.grads_flat, a.grads_flat, rtol=1e-5, atol=1e-6)
+    assert auto._graphed.captures == 1 and auto._graphed.replays == 2
+    assert IMAML(model, F.cross_entropy, cfg.replace(backend="reference")).cuda_graphs is False
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("solver", ["gd", "hf"])
@@ -60,7 +162,7 @@ def test_replay_equals_uncaptured_for_new_data(solver):
     torch.manual_seed(0)
     model = conv_bn().float().cuda()
     cfg = IMAMLConfig(inner_solver=solver, inner_steps=3, cg_steps=4, hf_cg_steps=2)
-    plain = IMAML(model, F.cross_entropy, cfg)
+    plain = IMAML(model, F.cross_entropy, cfg, cuda_graphs=False)
     graphed = IMAML(model, F.cross_entropy, cfg, cuda_graphs=True)
     for seed in range(3):
         torch.manual_seed(seed)
