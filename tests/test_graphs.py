@@ -136,45 +136,32 @@ def test_signatures_past_max_graphs_run_uncaptured(monkeypatch):
         G.CapturedMetaGradient(fm, cfg, max_graphs=-1)
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_auto_captures_a_cuda_model_and_equals_uncaptured():
-    torch.manual_seed(0)
-    model = conv_bn().float().cuda()
-    cfg = IMAMLConfig(inner_steps=3, cg_steps=4)
-    auto, plain = IMAML(model, F.cross_entropy, cfg), IMAML(model, F.cross_entropy, cfg,
-                                                           cuda_graphs=False)
-    assert auto.cuda_graphs and not plain.cuda_graphs
-    for seed in range(2):
-        torch.manual_seed(seed)
-        ep = [t.cuda() for t in class_episode(6, 4, 4, (1, 6, 6), 3)]
-        ep = [t.float() if t.is_floating_point() else t for t in ep]
-        a, b = plain.meta_gradient(*ep), auto.meta_gradient(*ep)
-        torch.testing.assert_close(b.grads_flat, a.grads_flat, rtol=1e-5, atol=1e-6)
-    assert auto._graphed.captures == 1 and auto._graphed.replays == 2
-    assert IMAML(model, F.cross_entropy, cfg.replace(backend="reference")).cuda_graphs is False
+def _cuda_episode(T):
+    return [t.cuda().float() if t.is_floating_point() else t.cuda()
+            for t in class_episode(T, 4, 4, (1, 6, 6), 3)]
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("solver", ["gd", "hf"])
-def test_replay_equals_uncaptured_for_new_data(solver):
+@pytest.mark.parametrize("solver,mode", [("gd", True), ("hf", True), ("gd", "auto")])
+def test_replay_equals_uncaptured_for_new_data(solver, mode):
     torch.manual_seed(0)
     model = conv_bn().float().cuda()
     cfg = IMAMLConfig(inner_solver=solver, inner_steps=3, cg_steps=4, hf_cg_steps=2)
     plain = IMAML(model, F.cross_entropy, cfg, cuda_graphs=False)
-    graphed = IMAML(model, F.cross_entropy, cfg, cuda_graphs=True)
+    graphed = IMAML(model, F.cross_entropy, cfg, cuda_graphs=mode)  # "auto": the default
+    assert graphed.cuda_graphs and not plain.cuda_graphs
+    if mode == "auto":  # nothing to capture for the reference backend
+        assert not IMAML(model, F.cross_entropy, cfg.replace(backend="reference")).cuda_graphs
     for seed in range(3):
         torch.manual_seed(seed)
-        ep = [t.cuda() for t in class_episode(6, 4, 4, (1, 6, 6), 3)]
-        ep = [t.float() if t.is_floating_point() else t for t in ep]
+        ep = _cuda_episode(6)
         a, b = plain.meta_gradient(*ep), graphed.meta_gradient(*ep)
         torch.testing.assert_close(b.grads_flat, a.grads_flat, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.adapted_flat, a.adapted_flat, rtol=1e-5, atol=1e-6)
         assert torch.equal(b.cg_status, a.cg_status)
     assert graphed._graphed.captures == 1 and graphed._graphed.replays == 3
-    ep = [t.cuda() for t in class_episode(5, 4, 4, (1, 6, 6), 3)]  # another T: a new graph
-    graphed.meta_gradient(*[t.float() if t.is_floating_point() else t for t in ep])
+    graphed.meta_gradient(*_cuda_episode(5))  # another T: a new graph
     assert graphed._graphed.captures == 2
 
 
@@ -189,8 +176,7 @@ def test_graphed_meta_steps_equal_plain_meta_steps():
                       cuda_graphs=g) for m, g in zip(models, (False, True))]
     for seed in range(3):
         torch.manual_seed(seed)
-        ep = [t.cuda() for t in class_episode(6, 4, 4, (1, 6, 6), 3)]
-        ep = [t.float() if t.is_floating_point() else t for t in ep]
+        ep = _cuda_episode(6)
         for learner in learners:
             learner.meta_step(*ep)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
