@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<preset>-<date>-<time>)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=100)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop, with a checkpoint, at the first step that ends after this many "
+                        "minutes of training; --resume continues")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--nproc", type=_positive_int, default=1,
                    help="processes that share each meta-batch (torch.distributed: gloo on CPU, "
@@ -117,11 +120,16 @@ def _train(args) -> int:
                                 data_root=args.data_root, out=out,
                                 checkpoint_every=args.checkpoint_every,
                                 progress=not args.no_progress, nproc=args.nproc)
-    summary = train_multiprocess(s, resume=args.resume)
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit {args.time_limit:g} is invalid: give minutes > 0")
+    summary = train_multiprocess(s, resume=args.resume,
+                                 max_seconds=None if args.time_limit is None else 60 * args.time_limit)
     last = summary["last"]
     metric = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("query_loss", "accuracy", "mse"))
     print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s ({metric}); "
-          f"run folder {out}" + ("" if summary["curve"] else " (pip install matplotlib for curve.png)"))
+          f"run folder {out}" + ("" if summary["curve"] else " (pip install matplotlib for curve.png)")
+          + (f"; stopped at the time limit before step {s.steps}: --resume continues"
+             if summary.get("stopped") == "time limit" else ""))
     return 0
 
 

@@ -176,11 +176,19 @@ def _check_resumable(saved: dict, now: RunSettings, path: Path) -> None:
 
 
 # ---- train -------------------------------------------------------------------------------
-def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None) -> dict:
+def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None,
+          max_seconds: Optional[float] = None) -> dict:
     """Meta-train with settings `s` into the run folder s.out. Returns a summary dict.
     stop_after: end (with a checkpoint) after this many steps of this call, as if killed
-    right after a checkpoint; used to test resuming."""
+    right after a checkpoint; used to test resuming.
+    max_seconds: end (with a checkpoint, summary["stopped"] = "time limit") at the first
+    step that finishes this many seconds after training started; every rank of a
+    distributed run stops at the same step. resume=True continues the run later."""
     s.validate()
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float))
+                                        and not isinstance(max_seconds, bool) and max_seconds > 0):
+        raise ValueError(f"max_seconds={max_seconds!r} is invalid: expected a number > 0 "
+                         f"(or None for no time limit)")
     if not s.out:
         raise ValueError("out is required: the run folder for checkpoints and logs")
     rank, world = dist_mod.rank_and_world()
@@ -245,6 +253,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     step = start
     last = {}
     skipped = consecutive = 0
+    timed_out = False
     with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
         while step < s.steps:
             xs, ys, xq, yq = (t[mine] for t in sampler.sample())
@@ -264,10 +273,14 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(r.query_loss.dtype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
                 parts.append(task_metric(s, learner, r.adapted, xq, yq).sum().to(r.query_loss.dtype))
+            # The time limit's vote rides on the metrics' all-reduce: any rank past it stops all.
+            late = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
+            parts.append(r.query_loss.new_tensor(float(late)))
             sums = torch.stack(parts).double()
             if world > 1:
                 torch.distributed.all_reduce(sums)
-            sums = (sums / s.tasks).tolist()
+            timed_out = bool(sums[-1] > 0)
+            sums = (sums[:-1] / s.tasks).tolist()
             step += 1
             dt = time.perf_counter() - t_step
             last = {"step": step, "inner_loss": sums[0], "query_loss": sums[1], "cg_iters": sums[2],
@@ -279,7 +292,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in ("step", "seconds", "cg_iters")})
-            stopping = stop_after is not None and step - start >= stop_after
+            stopping = (stop_after is not None and step - start >= stop_after) or timed_out
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 checkpoint(step)
             if stopping:
@@ -289,14 +302,17 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     if step == start and not ckpt_path.exists():
         checkpoint(step)
     curve = _plot_curve(metrics_path, out / "curve.png", s) if main_rank else None
+    stopped = "time limit" if step < s.steps and timed_out else (
+        "stop_after" if step < s.steps else None)
     return {"steps": step, "seconds": time.perf_counter() - t0, "last": last,
-            "checkpoint": str(ckpt_path), "curve": curve}
+            "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped}
 
 
-def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool, queue) -> None:
+def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool, queue,
+            max_seconds: Optional[float] = None) -> None:
     dist_mod.init_local(rank, world, rendezvous, s.device)
     try:
-        summary = train(s, resume=resume)
+        summary = train(s, resume=resume, max_seconds=max_seconds)
         if rank == 0:
             queue.put(("ok", summary))
     except BaseException as e:  # reported by the parent, which exits 2 for user errors
@@ -306,19 +322,20 @@ def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool
     dist_mod.end_worker()
 
 
-def train_multiprocess(s: RunSettings, resume: bool = False) -> dict:
+def train_multiprocess(s: RunSettings, resume: bool = False,
+                       max_seconds: Optional[float] = None) -> dict:
     """train() in s.nproc local processes joined by torch.distributed (gloo on CPU, NCCL on
     GPUs), each taking a share of every meta-batch."""
     s.validate()
     if s.nproc == 1:
-        return train(s, resume=resume)
+        return train(s, resume=resume, max_seconds=max_seconds)
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     try:
         with dist_mod.local_rendezvous() as rendezvous:
-            mp.start_processes(_worker, args=(s.nproc, rendezvous, s, resume, queue),
+            mp.start_processes(_worker, args=(s.nproc, rendezvous, s, resume, queue, max_seconds),
                                nprocs=s.nproc, join=True, start_method="spawn")
     except mp.ProcessRaisedException:
         pass  # the message is on the queue

@@ -33,8 +33,8 @@ def trained_settings(monkeypatch):
     """Replaces training with a stub; the dict gets the RunSettings the command built ("s")."""
     seen = {}
 
-    def fake_train(s, resume=False):
-        seen["s"] = s
+    def fake_train(s, resume=False, max_seconds=None):
+        seen["s"], seen["max_seconds"] = s, max_seconds
         return {"steps": s.steps, "seconds": 0.0, "last": {"query_loss": 1.0}, "curve": None}
 
     monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
@@ -50,12 +50,19 @@ def test_no_arguments_trains_the_sinusoid_preset(trained_settings, capsys):
 
 def test_flags_override_the_preset(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False: seen.setdefault("s", s) and
+    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None: seen.setdefault("s", s) and
                         {"steps": 0, "seconds": 0.0, "last": {}, "curve": None})
     run(["train", "omniglot-20w5s", "--lam", "3", "--inner-steps", "7", "--task-batching", "4",
          "--out", "x", "--data-root", "d"], capsys)
     s = seen["s"]
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
+
+
+def test_time_limit_is_passed_in_seconds(trained_settings, capsys):
+    run(["train", "--time-limit", "1.5", "--out", "x"], capsys)
+    assert trained_settings["max_seconds"] == 90.0
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["max_seconds"] is None
 
 
 def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
@@ -77,6 +84,7 @@ def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     (["eval", "{tmp}/none.pt"], "no checkpoint at"),
     (["train", "--device", "cuda:0", "--out", "{tmp}/e"], "cuda"),
     (["train", "--cuda-graphs", "--out", "{tmp}/f"], "cuda_graphs=True needs a CUDA device"),
+    (["train", "--time-limit", "0", "--out", "{tmp}/g"], "--time-limit 0 is invalid"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

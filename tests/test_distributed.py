@@ -111,3 +111,14 @@ def test_cli_nproc_2_matches_one_process_and_resumes_with_another_count(tmp_path
             torch.testing.assert_close(got["model"][k], ref[k], rtol=1e-5, atol=1e-6)
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 alone writes the log
+
+
+def test_a_time_limit_stops_both_processes_at_the_same_step(tmp_path):
+    from imaml_fast.checkpoint import load_checkpoint
+    from imaml_fast.train import RunSettings, train_multiprocess
+
+    s = RunSettings.from_preset("sinusoid", out=str(tmp_path / "run"), steps=4, tasks=4,
+                                inner_steps=2, progress=False, task_batching="vmap", nproc=2)
+    summary = train_multiprocess(s, max_seconds=1e-9)  # past the limit after the first step
+    assert summary["stopped"] == "time limit" and summary["steps"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1

@@ -199,3 +199,20 @@ def test_cuda_graphs_may_change_on_resume(tmp_path):
     assert "cuda_graphs" in RESUMABLE_CHANGES
     saved = sin_settings(tmp_path, cuda_graphs=True).to_dict()
     _check_resumable(saved, sin_settings(tmp_path), tmp_path / "checkpoint.pt")  # no error
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_identically(tmp_path):
+    """max_seconds ends the run at the first step past the limit (here: the first step),
+    with a checkpoint; resuming then ends bit-identical to an uninterrupted run."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(sin_settings(whole))
+    first = train(sin_settings(split), max_seconds=1e-9)
+    assert first["stopped"] == "time limit" and first["steps"] == 1
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 1
+    rest = train(sin_settings(split), resume=True)
+    assert rest["stopped"] is None and rest["steps"] == 6
+    for k, v in params(whole).items():
+        assert torch.equal(params(split)[k], v), k
+    with pytest.raises(ValueError, match="max_seconds=0 is invalid"):
+        train(sin_settings(tmp_path / "bad"), max_seconds=0)
+    assert not (tmp_path / "bad").exists()
