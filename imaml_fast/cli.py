@@ -166,6 +166,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
     run = {"train": _train, "eval": _eval, "download": _download, "backends": _backends}[args.command]
+    if args.command in ("train", "eval"):
+        from .cpu_memory import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()  # this process is ours: 4-10% faster CPU steps (see the module)
     try:
         return run(args)
     except (ValueError, OSError) as e:  # user errors: DataError, CheckpointError, bad values
