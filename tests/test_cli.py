@@ -28,6 +28,13 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert f"mse {r['mean']:.2f} ± {r['ci95']:.2f}" in p.stdout and "over 20" in p.stdout
 
 
+@pytest.fixture(autouse=True)
+def _malloc_defaults(monkeypatch):
+    """The command changes this process's malloc settings (imaml_fast.cpu_memory); in the
+    test process keep glibc's (tests/test_cpu_memory.py checks the settings)."""
+    monkeypatch.setenv("IMAML_FAST_MALLOC", "default")
+
+
 @pytest.fixture
 def trained_settings(monkeypatch):
     """Replaces training with a stub; the dict gets the RunSettings the command built ("s")."""
