@@ -177,6 +177,12 @@ class FunctionalModel:
                     y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.forward_params(params, x), y)
 
+    def loss_and_output_params(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                               y: torch.Tensor):
+        """(loss, detached model output) for one task's parameters."""
+        out = self.forward_params(params, x)
+        return self.loss_fn(out, y), out.detach()
+
     def loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_params(self.split(flat), x, y)
 
@@ -194,7 +200,9 @@ class FunctionalModel:
         """fn(params, *args) for a span of tasks: params are per-parameter [t, *shape]."""
         fn = getattr(self, fn_name)
         if loop:  # a plain functional call, no vmap
-            return fn(tuple(p[0] for p in params), *(a[0] for a in args)).unsqueeze(0)
+            out = fn(tuple(p[0] for p in params), *(a[0] for a in args))
+            return (tuple(o.unsqueeze(0) for o in out) if isinstance(out, tuple)
+                    else out.unsqueeze(0))
         return vmap(fn)(params, *args)
 
     def run_batched(self, fn_name: str, params: Tuple[torch.Tensor, ...],
@@ -215,7 +223,8 @@ class FunctionalModel:
         """Per-task model outputs [T, N, ...]."""
         return self.run_batched("forward_params", self.split(flat), (x,), strategy)
 
-    def grad_pieces(self, flat: torch.Tensor, x, y, strategy="vmap", create_graph=False):
+    def grad_pieces(self, flat: torch.Tensor, x, y, strategy="vmap", create_graph=False,
+                    return_outputs=False):
         """Per-task gradients of the per-task losses, one piece per span of tasks.
 
         Each span gets its own leaves (one per parameter tensor, see `leaves`): tasks are
@@ -225,22 +234,30 @@ class FunctionalModel:
         loop over tasks.)
         Returns (grads, leaves, losses [T]): grads a list over spans of flat [t, P] (joined
         inside the graph when create_graph), leaves a list over spans of per-parameter
-        tuples."""
+        tuples; with return_outputs, also the model outputs [T, ...] (detached) of the same
+        forward pass."""
         # imaml_fast.layers only pays when the gradient is differentiated again: its
         # Functions' first backward costs a little more Python than ATen's.
         plain = nullcontext() if create_graph else self.layer_derivatives("autograd")
         with torch.enable_grad(), plain:
             loop = strategy == "loop"
-            leaves, losses = [], []
+            leaves, losses, outputs = [], [], []
+            fn = "loss_and_output_params" if return_outputs else "loss_params"
             for a, b in self.spans(flat.shape[0], strategy):
                 span = self.leaves(flat[a:b])
                 leaves.append(span)
-                losses.append(self._apply("loss_params", span, (x[a:b], y[a:b]), loop))
+                res = self._apply(fn, span, (x[a:b], y[a:b]), loop)
+                if return_outputs:
+                    res, out = res
+                    outputs.append(out)
+                losses.append(res)
             losses = torch.cat(losses)
             pieces = torch.autograd.grad(losses.sum(), [t for s in leaves for t in s],
                                          create_graph=create_graph, allow_unused=True,
                                          materialize_grads=True)
             grads = self.join_spans(pieces, leaves)  # inside the graph when create_graph
+        if return_outputs:
+            return grads, leaves, losses.detach(), torch.cat(outputs)
         return grads, leaves, losses.detach()
 
     def join_spans(self, pieces: Sequence[torch.Tensor], leaves) -> List[torch.Tensor]:
@@ -250,7 +267,10 @@ class FunctionalModel:
         return [self.join(pieces[i * n:(i + 1) * n], (span[0].shape[0],))
                 for i, span in enumerate(leaves)]
 
-    def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap"):
-        """Per-task gradients [T, P] and losses [T] (no graph kept)."""
-        grads, _, losses = self.grad_pieces(flat, x, y, strategy)
-        return (grads[0] if len(grads) == 1 else torch.cat(grads)), losses
+    def grad_and_losses(self, flat: torch.Tensor, x, y, strategy="vmap", return_outputs=False):
+        """Per-task gradients [T, P] and losses [T] (no graph kept); with return_outputs
+        also the model outputs [T, ...] of that forward pass."""
+        grads, _, losses, *outputs = self.grad_pieces(flat, x, y, strategy,
+                                                      return_outputs=return_outputs)
+        grads = grads[0] if len(grads) == 1 else torch.cat(grads)
+        return (grads, losses, *outputs)

@@ -47,6 +47,9 @@ class MetaGradient:
     hvp: str = ""                         # the HVP mode that ran ("dense": Hessians materialised)
     task_batching: object = None          # the task-batching strategy that ran
     evals: Dict[str, int] = field(default_factory=dict)  # batched gradient/HVP/loss counts
+    # [T, M, ...] model outputs on the query set at phi_i, from the query gradient's forward
+    # pass (what IMAML.predict(adapted, x_query) returns); None from the reference backend
+    query_outputs: Optional[torch.Tensor] = None
 
 
 def implicit_operator(config: IMAMLConfig) -> Tuple[float, float]:
@@ -124,7 +127,8 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
     inner = solve_inner(fm, theta, xs, ys, config, strategy, ops)
     with torch.no_grad():
         phi = inner.phi
-        gq, query_loss = fm.grad_and_losses(phi, xq, yq, strategy)
+        gq, query_loss, query_outputs = fm.grad_and_losses(phi, xq, yq, strategy,
+                                                           return_outputs=True)
         T = phi.shape[0]
         hvp_calls = 0
         if config.cg_steps == 0:
@@ -158,4 +162,4 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend=backend.name, hvp=hvp_mode, task_batching=strategy,
         evals={"grad": inner.grad_evals + 1, "hvp": inner.hvp_evals + hvp_calls,
-               "loss": inner.loss_evals})
+               "loss": inner.loss_evals}, query_outputs=query_outputs)

@@ -144,9 +144,12 @@ def build_sampler(s: RunSettings, split: str, tasks: int, seed: int):
     return data.sampler(split, s.n_way, s.k_shot, s.q_query, tasks, device=s.device, seed=seed)
 
 
-def task_metric(s: RunSettings, learner: IMAML, adapted, xq, yq) -> torch.Tensor:
-    """Per-task query accuracy (classification) or mean squared error (sinusoid), [T]."""
-    out = learner.predict(adapted, xq)
+def task_metric(s: RunSettings, learner: IMAML, adapted, xq, yq, out=None) -> torch.Tensor:
+    """Per-task query accuracy (classification) or mean squared error (sinusoid), [T]. out:
+    the adapted models' outputs on xq where already computed (a meta-gradient's
+    query_outputs), else they are predicted here."""
+    if out is None:
+        out = learner.predict(adapted, xq)
     if s.task == "sinusoid":
         return ((out - yq) ** 2).mean(dim=(1, 2))
     return (out.argmax(-1) == yq).float().mean(1)
@@ -272,7 +275,9 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             r = stats.result
             parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(r.query_loss.dtype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
-                parts.append(task_metric(s, learner, r.adapted, xq, yq).sum().to(r.query_loss.dtype))
+                # the query outputs of the meta-gradient's own forward pass: no second one
+                parts.append(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs)
+                             .sum().to(r.query_loss.dtype))
             # The time limit's vote rides on the metrics' all-reduce: any rank past it stops all.
             late = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
             parts.append(r.query_loss.new_tensor(float(late)))

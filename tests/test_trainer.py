@@ -180,3 +180,20 @@ def test_torch_compiled_model_meta_trains_like_the_eager_one():
     x = ep[0][0]
     with torch.no_grad():
         assert torch.allclose(compiled(x), eager(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", 2])
+@pytest.mark.parametrize("cfg_extra", [{}, {"cg_steps": 0}, {"inner_solver": "hf"}])
+def test_query_outputs_are_what_predict_returns(strategy, cfg_extra):
+    """The meta-gradient keeps the query outputs of its own forward pass (the training loop
+    scores tasks with them instead of a second forward); they equal predict()'s."""
+    model = conv_bn()
+    ep = class_episode(5, 5, 4, (1, 6, 6), 3)
+    learner = IMAML(model, F.cross_entropy, CFG.replace(task_batching=strategy, **cfg_extra))
+    r = learner.meta_gradient(*ep)
+    assert r.query_outputs.shape == (5, 4, 3)
+    torch.testing.assert_close(r.query_outputs, learner.predict(r.adapted, ep[2]),
+                               rtol=1e-12, atol=1e-12)
+    assert not r.query_outputs.requires_grad
+    ref = IMAML(model, F.cross_entropy, CFG.replace(backend="reference")).meta_gradient(*ep)
+    assert ref.query_outputs is None  # the reference keeps the authors' structure
