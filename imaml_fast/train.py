@@ -278,14 +278,14 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
                 # the query outputs of the meta-gradient's own forward pass: no second one
                 parts.append(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs)
                              .sum().to(r.query_loss.dtype))
-            # The time limit's vote rides on the metrics' all-reduce: any rank past it stops all.
             late = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
-            parts.append(r.query_loss.new_tensor(float(late)))
             sums = torch.stack(parts).double()
-            if world > 1:
+            if world > 1:  # the time limit's vote rides on the metrics' all-reduce
+                sums = torch.cat([sums, sums.new_tensor([float(late)])])
                 torch.distributed.all_reduce(sums)
-            timed_out = bool(sums[-1] > 0)
-            sums = (sums[:-1] / s.tasks).tolist()
+            sums = sums.tolist()  # the one host sync of the step's metrics
+            timed_out = sums.pop() > 0 if world > 1 else late
+            sums = [v / s.tasks for v in sums]
             step += 1
             dt = time.perf_counter() - t_step
             last = {"step": step, "inner_loss": sums[0], "query_loss": sums[1], "cg_iters": sums[2],
