@@ -31,6 +31,8 @@ def _serve(conn, factory, args, threads, device):
 
     if threads:
         torch.set_num_threads(threads)
+    if conn.recv() == "stop":  # started early, so that the imports overlap; now wait our turn
+        return
     try:
         fn = factory(*args)
         info = fn()  # warm-up; the callable may return a small dict describing what ran
@@ -58,20 +60,29 @@ def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int
     `repeats` timings}, {name: what its warm-up call returned}); a variant whose build or
     warm-up fails is reported through `log` and left out."""
     ctx = mp.get_context("spawn")
-    infos, live = {}, {}
-    for name, (factory, args) in factories.items():
-        # one at a time: warm-ups running side by side would oversubscribe the cores
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device),
-                           daemon=True)
-        proc.start()
-        kind, payload = parent.recv()
-        if kind == "error":
-            log(f"{name:26s} FAILED: {payload}")
-            proc.join()
-            continue
-        infos[name] = payload
-        live[name] = (proc, parent)
+    infos, live, started = {}, {}, {}
+    try:
+        # Every process starts at once (importing torch and the benchmark overlaps), then
+        # builds and warms up one at a time: warm-ups side by side would oversubscribe the
+        # cores and disturb the one-off measurements some make (task_batching="auto").
+        for name, (factory, args) in factories.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device),
+                               daemon=True)
+            proc.start()
+            started[name] = (proc, parent)
+        for name, (proc, parent) in started.items():
+            parent.send("build")
+            kind, payload = parent.recv()
+            if kind == "error":
+                log(f"{name:26s} FAILED: {payload}")
+                proc.join()
+                continue
+            infos[name] = payload
+            live[name] = (proc, parent)
+    except BaseException:
+        _stop(started.values())
+        raise
     times = {name: [] for name in live}
     try:
         for rep in range(repeats):
@@ -81,10 +92,14 @@ def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int
             log(f"  round {rep + 1}/{repeats}: " +
                 ", ".join(f"{n} {times[n][-1]:.2f}s" for n in live))
     finally:
-        for proc, conn in live.values():
-            try:
-                conn.send("stop")
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(timeout=60)
+        _stop(live.values())
     return times, infos
+
+
+def _stop(workers) -> None:
+    for proc, conn in workers:
+        try:
+            conn.send("stop")
+        except (BrokenPipeError, OSError):
+            pass
+        proc.join(timeout=60)
