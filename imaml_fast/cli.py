@@ -126,7 +126,8 @@ def _train(args) -> int:
                                  max_seconds=None if args.time_limit is None else 60 * args.time_limit)
     last = summary["last"]
     metric = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("query_loss", "accuracy", "mse"))
-    print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s ({metric}); "
+    print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s"
+          + (f" ({metric})" if metric else " (nothing left to train)") + "; "
           f"run folder {out}" + ("" if summary["curve"] else " (pip install matplotlib for curve.png)")
           + (f"; stopped at the time limit before step {s.steps}: --resume continues"
              if summary.get("stopped") == "time limit" else ""))

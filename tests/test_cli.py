@@ -65,6 +65,14 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
 
 
+def test_resuming_a_finished_run_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None:
+                        {"steps": 6, "seconds": 0.1, "last": {}, "curve": None,
+                         "stopped": None})
+    code, out, _ = run(["train", "--out", "x", "--resume"], capsys)
+    assert code == 0 and "trained 6 meta-steps in 0.1 s (nothing left to train)" in out
+
+
 def test_time_limit_is_passed_in_seconds(trained_settings, capsys):
     run(["train", "--time-limit", "1.5", "--out", "x"], capsys)
     assert trained_settings["max_seconds"] == 90.0
