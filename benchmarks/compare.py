@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from floor import floor_passes, model_floor  # noqa: E402
 from timing import sync, time_in_processes  # noqa: E402
-from peers import CUDA_GRAPHS, DEFAULT, implementations  # noqa: E402
+from peers import DEFAULT, UNCAPTURED, implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, bullet_list, Settings, median, meta_line, omniglot_episode,  # noqa: E402
                           pyplot, rel_diff, results_dir, run_meta, save_figure, write_json,
                           write_text)
@@ -266,7 +266,7 @@ def speed_target(res, device="cpu") -> str:
     speedup, against = TARGETS[torch.device(device).type]
     times = {r["impl"]: r["median_s"] for r in res["rows"]}
     lines = []
-    for name, who in ((DEFAULT, "the default"), (CUDA_GRAPHS, "the default with CUDA graphs")):
+    for name, who in ((DEFAULT, "the default"), (UNCAPTURED, "the default uncaptured")):
         got = {n: times[n] / times[name] for n in against if n in times and name in times}
         if not got:
             continue

@@ -64,7 +64,7 @@ fi
 if want compare; then
 log "imaml_fast against the reference and the installed peers (Omniglot 5-way 1-shot)"
 timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 3 \
-  --only "imaml_fast default" "imaml_fast CUDA graphs" "imaml_fast reference" "TorchOpt cg" \
+  --only "imaml_fast default" "imaml_fast uncaptured" "imaml_fast reference" "TorchOpt cg" \
   "TorchOpt normal_cg" "betty cg" \
   --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
   || fail "compare.py"; pack

@@ -13,7 +13,7 @@ from . import betty_imaml, higher_maml, imaml_fast_impl, torchopt_imaml
 from .common import Impl, Settings
 
 DEFAULT = imaml_fast_impl.DEFAULT
-CUDA_GRAPHS = imaml_fast_impl.CUDA_GRAPHS
+UNCAPTURED = imaml_fast_impl.UNCAPTURED
 # name -> (module, build kwargs, computes the iMAML meta-gradient)
 PEERS = {
     "TorchOpt normal_cg": (torchopt_imaml, {"solver": "normal_cg"}, True),
