@@ -2,7 +2,7 @@
 # The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
 # benchmarks/results/<gpu name>/). On one H100 the build, tests and kernel/meta-step benchmarks
-# took 4.5 minutes; the peers comparison and the memory figure add about 4. Every step has its
+# took about 5 minutes; the peers comparison and the memory figure add about 4. Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
