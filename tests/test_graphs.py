@@ -171,6 +171,37 @@ def test_replay_equals_uncaptured_for_new_data(solver, mode, extra, tol):
     assert graphed._graphed.captures == 2
 
 
+class _ReadsOnHost(torch.nn.Module):
+    """A model whose forward reads a device value on the host: runs uncaptured, cannot be
+    captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_bn()
+        self.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) * float(self.scale)  # a buffer is not batched: vmap lets it be read
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_recovers_from_a_real_capture_failure():
+    torch.manual_seed(0)
+    model = _ReadsOnHost().float().cuda()
+    cfg = IMAMLConfig(inner_steps=2, cg_steps=2, cg_dense="never")
+    ep = _cuda_episode(4)
+    want = IMAML(model, F.cross_entropy, cfg, cuda_graphs=False).meta_gradient(*ep)
+    learner = IMAML(model, F.cross_entropy, cfg)
+    assert learner.cuda_graphs
+    with pytest.warns(RuntimeWarning, match="uncaptured from now on"):
+        got = learner.meta_gradient(*ep)
+    assert not learner.cuda_graphs
+    torch.testing.assert_close(got.grads_flat, want.grads_flat, rtol=1e-5, atol=1e-6)
+    again = learner.meta_gradient(*_cuda_episode(4))  # the device still works
+    assert torch.isfinite(again.grads_flat).all()
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_graphed_meta_steps_equal_plain_meta_steps():
