@@ -25,10 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+from timing import sync  # benchmarks/timing.py (this folder is on sys.path for its scripts)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
@@ -40,10 +37,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -80,7 +77,7 @@ def floor_passes(model, episode, inner_steps: int, cg_steps: int):
     xs, ys, xq, yq = (t.reshape(-1, *t.shape[2:]) for t in episode)
     args = (model, xs, ys, xq, yq, inner_steps, cg_steps)
     _passes(*args)
-    _sync(xs.device)
+    sync(xs.device)
     return lambda: _passes(*args)
 
 
@@ -95,10 +92,10 @@ def model_floor(model, episode, inner_steps: int, cg_steps: int, repeats: int = 
         run = floor_passes(model, episode, inner_steps, cg_steps)
         times = []
         for _ in range(repeats):
-            _sync(xs.device)
+            sync(xs.device)
             t0 = time.perf_counter()
             run()
-            _sync(xs.device)
+            sync(xs.device)
             times.append(time.perf_counter() - t0)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -23,7 +23,7 @@ def sync(device) -> None:
     import torch
 
     if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def _serve(conn, factory, args, threads, device):
