@@ -9,6 +9,7 @@ leaves the parameters and the optimizer state exactly as they were.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -18,6 +19,7 @@ from torch import nn
 from .cg import CG_NONFINITE, CG_STATUS_NAMES
 from .config import IMAMLConfig
 from .functional import FunctionalModel
+from .graphs import CaptureFailed, CapturedMetaGradient, graphs_why_not
 from .implicit import MetaGradient, meta_gradient_flat
 
 
@@ -81,8 +83,6 @@ class IMAML:
         if cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"cuda_graphs={cuda_graphs!r} is invalid: use 'auto', True or False")
         self._graphs_auto = cuda_graphs == "auto"
-        from .graphs import CapturedMetaGradient, graphs_why_not
-
         if cuda_graphs is True:
             self._graphed = CapturedMetaGradient(self._fm, self.config)
         elif (self._graphs_auto and self.config.backend != "reference"
@@ -109,15 +109,11 @@ class IMAML:
     def meta_gradient(self, x_support, y_support, x_query, y_query) -> MetaGradient:
         """The meta-gradient at the model's current parameters; changes nothing."""
         if self._graphed is not None:
-            from .graphs import CaptureFailed
-
             try:
                 return self._graphed(self._theta(), x_support, y_support, x_query, y_query)
             except CaptureFailed as e:
                 if not self._graphs_auto:
                     raise
-                import warnings
-
                 warnings.warn(f"{e}; this IMAML learner runs its meta-steps uncaptured from "
                               f"now on (pass cuda_graphs=False to skip the attempt)",
                               RuntimeWarning, stacklevel=2)
