@@ -33,7 +33,8 @@ status=0
 # command does, whatever tee and tail do), so that `status` is set in this shell.
 fail() { echo "FAILED: $*"; status=1; }
 ONLY=${GPU_CHECK_ONLY:-all}
-want() { [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]; }
+named() { [[ " $ONLY " == *" $1 "* ]]; }    # a step asked for by name
+want() { [ "$ONLY" = all ] || named "$1"; }  # a step of the default run, or asked for
 
 log "build (CUDA kernels for this GPU's architecture)"
 cc=$($PY -c "import torch; a,b=torch.cuda.get_device_capability(); print(f'{a}{b}')")
@@ -70,7 +71,7 @@ timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --r
   || fail "compare.py"; pack
 fi
 
-if [[ " $ONLY " == *" tf32 "* ]]; then  # a diagnostic, only when asked for by name
+if named tf32; then  # a diagnostic, only when asked for by name
 log "float32 meta-gradients with TF32 off (cuDNN's default is TF32 convolutions): default vs reference"
 timeout 75 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 1 --tf32 off \
   --check-tasks 0 \
@@ -86,7 +87,7 @@ timeout 150 $PY benchmarks/memory_vs_steps.py --device cuda --tasks 32 --steps 5
   | tee "$RESULTS/memory_vs_steps.txt" || fail "memory_vs_steps"; pack
 fi
 
-if [[ " $ONLY " == *" train "* ]]; then  # only when named: minutes of training
+if named train; then  # only when named: minutes of training
 mins=${GPU_CHECK_TRAIN_MINUTES:-6}
 log "Omniglot 5-way 1-shot meta-training (the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
 timeout $(( ${mins%.*} * 60 + 240 )) $PY benchmarks/train_omniglot_quick.py --device cuda --tasks 32 --steps 30000 \
