@@ -2,7 +2,8 @@
 # The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
 # benchmarks/results/<gpu name>/). On one H100 the build, tests and kernel/meta-step benchmarks
-# took about 5 minutes; the peers comparison and the memory figure add about 4. Every step has its
+# took about 5 minutes; the peers comparison and the memory figure add about 4, the dense-path
+# sweep (bench_dense_path.py, never run on a GPU yet) perhaps 1. Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
@@ -10,7 +11,7 @@
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
 # compare" runs the build and only these steps (of: tests triton meta compare memory cg
-# kernels profile; and tf32, a diagnostic, and train, minutes of Omniglot training
+# kernels dense profile; and tf32, a diagnostic, and train, minutes of Omniglot training
 # (GPU_CHECK_TRAIN_MINUTES, default 6; OMNIGLOT_ROOT), which only run when named);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
@@ -106,6 +107,13 @@ if want kernels; then
 log "vector kernels against the device's copy bandwidth, dense CG"
 timeout 60 $PY benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels.md" 2>&1 | tee "$RESULTS/bench_kernels.txt" \
   || fail "bench_kernels"; pack
+fi
+
+if want dense; then
+log "dense-Hessian path against matrix-free CG, sinusoid MLPs of P = 321 ... 4,353 (sets cg_dense=\"auto\"'s bound)"
+timeout 120 $PY benchmarks/bench_dense_path.py --device cuda --repeats 20 \
+  --json "$RESULTS/bench_dense_path.json" 2>&1 | tee "$RESULTS/bench_dense_path.txt" \
+  || fail "bench_dense_path"; pack
 fi
 
 if want profile; then
