@@ -116,7 +116,7 @@ def _cuda_point(impl, ep, impl_name, K, device) -> dict:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device)
     mib = 1024 * 1024
-    return {"impl": impl_name, "K": K, "rss_after_setup_mb": setup / mib,
+    return {"impl": impl_name, "K": K, "allocated_after_setup_mb": setup / mib,
             "peak_after_step_mb": peak / mib, "delta_mb": (peak - setup) / mib,
             "memory": "torch.cuda.max_memory_allocated", "step_s": seconds,
             "info": result.info}
@@ -266,7 +266,7 @@ def main(argv=None):
             ran = r.get("info") or {}
             ran = f", task_batching={ran['task_batching']}" if "task_batching" in ran else ""
             print(f"{name:22s} K={K:3d}: peak {r['peak_after_step_mb']:7.1f} MiB, "
-                  f"after set-up {r['rss_after_setup_mb']:7.1f} MiB, "
+                  f"after set-up {r.get('rss_after_setup_mb', r.get('allocated_after_setup_mb')):7.1f} MiB, "
                   f"delta {r['delta_mb']:7.1f} MiB  ({r['step_s']:.1f} s{ran})", flush=True)
     meta = run_meta("benchmarks/memory_vs_steps.py", {
         "steps": args.steps, "tasks": args.tasks, "n_way": args.n_way, "shots": 1,
