@@ -2,16 +2,18 @@
 # The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
 # benchmarks/results/<gpu name>/). On one H100 the build, tests and kernel/meta-step benchmarks
-# took about 5 minutes; the peers comparison and the memory figure add about 4, the dense-path
-# sweep (bench_dense_path.py, never run on a GPU yet) perhaps 1. Every step has its
+# took about 5 minutes; the peers comparison and the memory figure add about 4, the 20-way
+# comparison and the dense-path sweep (neither run on a GPU yet) perhaps 3: more than one
+# 10-minute call. Split it: GPU_CHECK_ONLY="tests meta compare memory" (about 8 minutes),
+# then GPU_CHECK_ONLY="triton compare20 cg kernels precision dense profile" (about 4). Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
 #   bash benchmarks/gpu_check.sh            # then commit benchmarks/results/<gpu>/
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
-# compare" runs the build and only these steps (of: tests triton meta compare memory cg
-# kernels dense profile; and tf32, a diagnostic, and train, minutes of Omniglot training
+# compare" runs the build and only these steps (of: tests triton meta compare compare20
+# memory cg kernels precision dense profile; and tf32, a diagnostic, and train, minutes of Omniglot training
 # (GPU_CHECK_TRAIN_MINUTES, default 6; OMNIGLOT_ROOT), which only run when named);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
@@ -88,6 +90,15 @@ timeout 150 $PY benchmarks/memory_vs_steps.py --device cuda --tasks 32 --steps 5
   | tee "$RESULTS/memory_vs_steps.txt" || fail "memory_vs_steps"; pack
 fi
 
+if want compare20; then
+log "the same for Omniglot 20-way 1-shot (25 inner steps): imaml_fast, the reference, TorchOpt cg"
+timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-20w1s --repeats 3 \
+  --only "imaml_fast default" "imaml_fast uncaptured" "imaml_fast reference" "TorchOpt cg" \
+  --name compare_speed_20w1s \
+  --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed_20w1s.txt" \
+  || fail "compare.py 20w1s"; pack
+fi
+
 if named train; then  # only when named: minutes of training
 mins=${GPU_CHECK_TRAIN_MINUTES:-6}
 log "Omniglot 5-way 1-shot meta-training (the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
@@ -107,6 +118,12 @@ if want kernels; then
 log "vector kernels against the device's copy bandwidth, dense CG"
 timeout 60 $PY benchmarks/bench_kernels.py --out "$RESULTS/bench_kernels.md" 2>&1 | tee "$RESULTS/bench_kernels.txt" \
   || fail "bench_kernels"; pack
+fi
+
+if want precision; then
+log "float32 against float64 with TF32 convolutions on and off, inner lr 0.1 (the benchmarks') and 0.03 (the presets')"
+timeout 90 $PY benchmarks/precision.py --device cuda --json "$RESULTS/precision.json" 2>&1 \
+  | tee "$RESULTS/precision.txt" || fail "precision"; pack
 fi
 
 if want dense; then

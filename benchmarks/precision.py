@@ -1,0 +1,111 @@
+"""How far float32 meta-gradients are from float64, and why: the inner loop's step size.
+
+For the authors' Omniglot network (random data, 5-way 1-shot, T tasks, 16 inner steps,
+lam = 2, 5 CG steps) this computes the meta-gradient and the adapted parameters in float64
+and in float32 with imaml_fast's default and with its sequential reference, for each inner
+learning rate given, and prints each float32 result's relative difference from float64.
+Where the inner gradient descent is close to unstable it amplifies rounding from step to
+step, and every implementation, the reference too, ends equally far from float64: the
+speed benchmarks' inner lr 0.1 is such a setting (the presets train with 0.03; see
+imaml_fast/presets.py). On a CUDA device each float32 row runs with cuDNN's TF32
+convolutions on (PyTorch's default) and off.
+
+    python benchmarks/precision.py [--device cuda] [--tasks 8] [--inner-lr 0.1 0.03]
+        [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import imaml_fast
+from imaml_fast import IMAMLConfig, meta_gradient
+from imaml_fast.models import omniglot_conv
+from bench_meta_step import episode  # benchmarks/bench_meta_step.py
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def measure(args):
+    torch.manual_seed(0)
+    model = omniglot_conv(5).to(args.device)
+    ep = episode(args.tasks, 5, 1, 1, args.device)
+    model64 = omniglot_conv(5).to(args.device)
+    model64.load_state_dict(model.state_dict())
+    model64.double()
+    ep64 = [e.double() if e.is_floating_point() else e for e in ep]
+    cuda = torch.device(args.device).type == "cuda"
+    tf32_modes = (True, False) if cuda else (None,)
+    rows = []
+    for lr in args.inner_lr:
+        cfg = IMAMLConfig(inner_steps=args.inner_steps, cg_steps=5, lam=2.0, inner_lr=lr)
+        exact = meta_gradient(model64, F.cross_entropy, *ep64, cfg)
+        for tf32 in tf32_modes:
+            before = torch.backends.cudnn.allow_tf32
+            if tf32 is not None:
+                torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                for name, c in (("imaml_fast default", cfg),
+                                ("imaml_fast reference", cfg.replace(backend="reference"))):
+                    r = meta_gradient(model, F.cross_entropy, *ep, c)
+                    rows.append({"inner_lr": lr, "tf32": tf32, "impl": name,
+                                 "meta_grad_vs_float64": rel(r.grads_flat, exact.grads_flat),
+                                 "adapted_vs_float64": rel(r.adapted_flat, exact.adapted_flat),
+                                 "backend": r.backend, "task_batching": str(r.task_batching)})
+            finally:
+                torch.backends.cudnn.allow_tf32 = before
+    return rows
+
+
+def markdown(meta, rows):
+    where = meta.get("gpu") or f"{meta['cpu']} CPU"
+    s = meta["settings"]
+    head = (f"{where}, torch {meta['torch']}, {meta['date']}: float32 against float64, "
+            f"authors' Omniglot network, random data, 5-way 1-shot, T = {s['tasks']}, "
+            f"{s['inner_steps']} inner steps, lam = 2, 5 CG steps\n\n")
+    tf = meta.get("gpu") is not None
+    lines = ["| inner lr | " + ("TF32 convolutions | " if tf else "") + "implementation | "
+             "adapted parameters, rel. diff | meta-gradient, rel. diff | ran as |",
+             "| ---: | " + ("--- | " if tf else "") + "--- | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['inner_lr']:g} | " + (f"{'on' if r['tf32'] else 'off'} | " if tf else "")
+                     + f"{r['impl']} | {r['adapted_vs_float64']:.1e} | "
+                     f"{r['meta_grad_vs_float64']:.1e} | {r['backend']}, "
+                     f"task_batching={r['task_batching']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--inner-steps", type=int, default=16)
+    ap.add_argument("--inner-lr", type=float, nargs="+", default=[0.1, 0.03])
+    ap.add_argument("--json", help="write the raw results here (and a .md beside it)")
+    args = ap.parse_args(argv)
+    rows = measure(args)
+    meta = {"device": args.device, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "imaml_fast": imaml_fast.__version__,
+            "settings": vars(args), "date": time.strftime("%Y-%m-%d")}
+    if torch.device(args.device).type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    md = markdown(meta, rows)
+    print(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
