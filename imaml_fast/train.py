@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import distributed as dist_mod
 from .backends import resolve_backend
 from .batching import choose_strategy, step_counts
+from .cg import CG_NEGATIVE_CURVATURE
 from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
                          write_json_atomic)
 from .config import IMAMLConfig
@@ -273,11 +274,13 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
                 continue
             consecutive = 0
             r = stats.result
-            parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(r.query_loss.dtype)]
+            ftype = r.query_loss.dtype
+            parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(ftype),
+                     (r.cg_status == CG_NEGATIVE_CURVATURE).sum().to(ftype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
                 # the query outputs of the meta-gradient's own forward pass: no second one
                 parts.append(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs)
-                             .sum().to(r.query_loss.dtype))
+                             .sum().to(ftype))
             late = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
             sums = torch.stack(parts).double()
             if world > 1:  # the time limit's vote rides on the metrics' all-reduce
@@ -288,15 +291,19 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             sums = [v / s.tasks for v in sums]
             step += 1
             dt = time.perf_counter() - t_step
+            # cg_negative_curvature: the share of tasks whose CG stopped on p'Ap <= 0 (an
+            # inner solution far from a minimum of the proximal problem; the meta-gradient of
+            # such a task is its last CG iterate, a cruder solve)
             last = {"step": step, "inner_loss": sums[0], "query_loss": sums[1], "cg_iters": sums[2],
-                    "tasks_per_s": s.tasks / dt, "seconds": dt, "skipped": skipped}
+                    "cg_negative_curvature": sums[3], "tasks_per_s": s.tasks / dt, "seconds": dt,
+                    "skipped": skipped}
             if s.task != "sinusoid":
-                last["accuracy"] = sums[3]
+                last["accuracy"] = sums[4]
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in ("step", "seconds", "cg_iters")})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in ("step", "seconds", "cg_iters", "cg_negative_curvature")})
             stopping = (stop_after is not None and step - start >= stop_after) or timed_out
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 checkpoint(step)

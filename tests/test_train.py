@@ -163,6 +163,30 @@ def test_a_rare_divergent_meta_batch_is_skipped_a_persistent_one_ends_the_run(tm
         train(sin_settings(tmp_path / "bad"))
 
 
+def test_metrics_log_the_share_of_tasks_stopped_by_negative_curvature(tmp_path, monkeypatch):
+    """Sinusoid tasks without cg_damping have indefinite Hessians (presets.py): some tasks' CG
+    stops on p'Ap <= 0. Each line's cg_negative_curvature is that step's share of such tasks,
+    and cg_iters the mean iterations, as the meta-steps' own results say."""
+    from imaml_fast.cg import CG_NEGATIVE_CURVATURE
+
+    real, seen = IMAML.meta_step, []
+
+    def recording(self, *a):
+        stats = real(self, *a)
+        seen.append((stats.result.cg_status.clone(), stats.result.cg_iters.clone()))
+        return stats
+
+    monkeypatch.setattr(IMAML, "meta_step", recording)
+    train(sin_settings(tmp_path / "run", steps=8, tasks=10, inner_steps=10, cg_damping=0.0))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len(seen) == 8
+    shares = [(st == CG_NEGATIVE_CURVATURE).double().mean().item() for st, _ in seen]
+    assert [l["cg_negative_curvature"] for l in lines] == pytest.approx(shares, abs=1e-12)
+    assert [l["cg_iters"] for l in lines] == pytest.approx(
+        [it.double().mean().item() for _, it in seen], abs=1e-12)
+    assert 0 < sum(shares) < len(shares)  # some tasks stopped early, not all
+
+
 def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
     """Settings a checkpoint's version did not have count as their defaults: a run saved
     without layer_derivatives resumes with the default and refuses another value."""
