@@ -9,11 +9,13 @@ task-batching strategy (which changes floating-point summation order) all come b
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,6 +41,9 @@ RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", 
 EVAL_SEED = 2019
 # A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
 # row end the run with the error.
+# Warn once when, over this many consecutive meta-steps, more than half of the tasks' CG
+# stopped on negative curvature (presets.py: a 20-way run that stalled so).
+CURVATURE_WINDOW = 20
 MAX_CONSECUTIVE_SKIPS = 10  # meta-test episodes come from their own stream, the same for every run
 
 
@@ -258,6 +263,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     last = {}
     skipped = consecutive = 0
     timed_out = False
+    recent_negative = collections.deque(maxlen=CURVATURE_WINDOW)
+    warned = False
     with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
         while step < s.steps:
             xs, ys, xq, yq = (t[mine] for t in sampler.sample())
@@ -299,6 +306,18 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
                     "skipped": skipped}
             if s.task != "sinusoid":
                 last["accuracy"] = sums[4]
+            recent_negative.append(sums[3])
+            if (not warned and main_rank and len(recent_negative) == CURVATURE_WINDOW
+                    and sum(recent_negative) / CURVATURE_WINDOW > 0.5):
+                warned = True
+                warnings.warn(
+                    f"in the last {CURVATURE_WINDOW} meta-steps "
+                    f"{sum(recent_negative) / CURVATURE_WINDOW:.0%} of the tasks' CG stopped on "
+                    f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner "
+                    f"loops end far from a minimum, and their meta-gradients, CG iterates that "
+                    f"grew before the stop, can dominate the mean and stall training; raise "
+                    f"--cg-damping (the 20-way presets use 50) or --lam, or lower --inner-lr",
+                    RuntimeWarning, stacklevel=2)
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on
             if bar is not None:

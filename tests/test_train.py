@@ -187,6 +187,42 @@ def test_metrics_log_the_share_of_tasks_stopped_by_negative_curvature(tmp_path, 
     assert 0 < sum(shares) < len(shares)  # some tasks stopped early, not all
 
 
+def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tmp_path, monkeypatch):
+    """The warning needs a whole window of steps with most tasks stopped; it names the
+    fix. The same run with its real statuses (sinusoid, cg_damping 10: positive definite)
+    stays quiet."""
+    import warnings as w
+
+    from imaml_fast.cg import CG_NEGATIVE_CURVATURE
+    from imaml_fast.train import CURVATURE_WINDOW
+
+    steps = CURVATURE_WINDOW + 5
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        train(sin_settings(tmp_path / "quiet", steps=steps, checkpoint_every=steps))
+    assert not [c for c in caught if "negative curvature" in str(c.message)]
+    lines = (tmp_path / "quiet" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(l)["cg_negative_curvature"] <= 0.5 for l in lines)
+
+    real, calls = IMAML.meta_step, {"n": 0}
+
+    def stops_after_warmup(self, *a):
+        stats = real(self, *a)
+        calls["n"] += 1
+        if calls["n"] > 3:  # steps 4, 5, ...: every task flagged
+            stats.result.cg_status.fill_(CG_NEGATIVE_CURVATURE)
+        return stats
+
+    monkeypatch.setattr(IMAML, "meta_step", stops_after_warmup)
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        train(sin_settings(tmp_path / "stalls", steps=steps, checkpoint_every=steps))
+    msgs = [str(c.message) for c in caught if "negative curvature" in str(c.message)]
+    # steps 4 .. 25 all flagged: the first full window (steps 1-20) is 17/20 flagged, and the
+    # warning comes once, not at every later step
+    assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--lam" in msgs[0]
+
+
 def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
     """Settings a checkpoint's version did not have count as their defaults: a run saved
     without layer_derivatives resumes with the default and refuses another value."""
