@@ -315,8 +315,9 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
                     f"{sum(recent_negative) / CURVATURE_WINDOW:.0%} of the tasks' CG stopped on "
                     f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner "
                     f"loops end far from a minimum, and their meta-gradients, CG iterates that "
-                    f"grew before the stop, can dominate the mean and stall training; raise "
-                    f"--cg-damping (the 20-way presets use 50) or --lam, or lower --inner-lr",
+                    f"grew before the stop, can dominate the mean and stall training; try a larger "
+                    f"--cg-damping, a smaller --inner-lr with more --inner-steps, or "
+                    f"--cg-steps 0 (first-order)",
                     RuntimeWarning, stacklevel=2)
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on

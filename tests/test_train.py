@@ -220,7 +220,7 @@ def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tm
     msgs = [str(c.message) for c in caught if "negative curvature" in str(c.message)]
     # steps 4 .. 25 all flagged: the first full window (steps 1-20) is 17/20 flagged, and the
     # warning comes once, not at every later step
-    assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--lam" in msgs[0]
+    assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--inner-lr" in msgs[0]
 
 
 def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
