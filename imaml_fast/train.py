@@ -310,15 +310,19 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             if (not warned and main_rank and len(recent_negative) == CURVATURE_WINDOW
                     and sum(recent_negative) / CURVATURE_WINDOW > 0.5):
                 warned = True
+                if bar is not None:
+                    bar.clear()  # the warning on a line of its own, not after the bar
                 warnings.warn(
                     f"in the last {CURVATURE_WINDOW} meta-steps "
-                    f"{sum(recent_negative) / CURVATURE_WINDOW:.0%} of the tasks' CG stopped on "
+                    f"{sum(recent_negative) / CURVATURE_WINDOW:.1%} of the tasks' CG stopped on "
                     f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner "
                     f"loops end far from a minimum, and their meta-gradients, CG iterates that "
                     f"grew before the stop, can dominate the mean and stall training; try a larger "
                     f"--cg-damping, a smaller --inner-lr with more --inner-steps, or "
                     f"--cg-steps 0 (first-order)",
                     RuntimeWarning, stacklevel=2)
+                if bar is not None:
+                    bar.refresh()
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on
             if bar is not None:

@@ -65,6 +65,26 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
 
 
+def test_warnings_read_as_the_commands_own_lines(monkeypatch, capsys):
+    """While the command runs, a warning is formatted as its own line, without the library's
+    file and source line (pytest records warnings itself, so the format is what is checked);
+    afterwards Python's format is back."""
+    import warnings
+
+    seen = {}
+
+    def fake_train(s, resume=False, max_seconds=None):
+        seen["line"] = warnings.formatwarning("most tasks stopped early", RuntimeWarning,
+                                              "train.py", 7)
+        return {"steps": 1, "seconds": 0.1, "last": {}, "curve": None, "stopped": None}
+
+    monkeypatch.setattr(train_mod, "train_multiprocess", fake_train)
+    code, _, _ = run(["train", "--out", "x"], capsys)
+    assert code == 0 and seen["line"] == "imaml-fast: warning: most tasks stopped early\n"
+    after = warnings.formatwarning("most tasks stopped early", RuntimeWarning, "train.py", 7)
+    assert "train.py:7" in after
+
+
 def test_resuming_a_finished_run_says_so(monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None:
                         {"steps": 6, "seconds": 0.1, "last": {}, "curve": None,
