@@ -14,7 +14,8 @@
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
 # compare" runs the build and only these steps (of: tests triton meta compare compare20
 # memory cg kernels precision dense profile; and tf32, a diagnostic, and train, minutes of Omniglot training
-# (GPU_CHECK_TRAIN_MINUTES, default 6; OMNIGLOT_ROOT), which only run when named);
+# (GPU_CHECK_TRAIN_MINUTES, default 6; GPU_CHECK_TRAIN_PRESET, default omniglot-5w1s;
+# OMNIGLOT_ROOT), which only run when named);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
 # only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
@@ -101,8 +102,9 @@ fi
 
 if named train; then  # only when named: minutes of training
 mins=${GPU_CHECK_TRAIN_MINUTES:-6}
-log "Omniglot 5-way 1-shot meta-training (the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
-timeout $(( ${mins%.*} * 60 + 240 )) $PY benchmarks/train_omniglot_quick.py --device cuda --tasks 32 --steps 30000 \
+log "Omniglot meta-training (${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}, the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
+timeout $(( ${mins%.*} * 60 + 240 )) $PY benchmarks/train_omniglot_quick.py --device cuda \
+  --preset "${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}" --tasks 32 --steps 30000 \
   --minutes "$mins" --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
   --out "$RESULTS/omniglot_train" 2>&1 | tee "$RESULTS/omniglot_train.txt" \
   || fail "train_omniglot_quick"; pack
