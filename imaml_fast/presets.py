@@ -25,8 +25,8 @@ and say why here:
   over 50 steps) peaked at 42% (cg_damping 10) or 49-53% (cg_damping 50) and fell back to
   about 40%, while
   the support loss after adaptation rose from 0.4 to 1.0-1.3 and most tasks' CG began to stop
-  on negative curvature after iterates that had grown up to 9x; lam 10 did worse and inner lr 0.01
-  no better. First-order meta-gradients (--cg-steps 0) kept learning: query accuracy 38% -> 71%
+  on negative curvature after iterates that had grown up to 9x; lam 10 did worse, inner lr 0.01 or 50
+  inner steps no better, and inner lr 0.01 with 75 steps only slower to stall in 100 steps. First-order meta-gradients (--cg-steps 0) kept learning: query accuracy 38% -> 71%
   and support loss after adaptation 0.37 -> 0.01 over 400 steps. At the stalled
   parameters the true gradient through the 25 unrolled inner steps is orthogonal to both the
   first-order and the implicit meta-gradient (cosine 0.00-0.06; 0.82-0.90 at
