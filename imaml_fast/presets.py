@@ -23,16 +23,17 @@ and say why here:
 - 20-way: no setting tried so far trains it (CPU runs of a few hundred meta-steps of 16 tasks,
   benchmarks/results/cpu-epyc-2core/omniglot_20w1s/). Query accuracy after adaptation (means
   over 50 steps) peaked at 42% (cg_damping 10) or 49-53% (cg_damping 50) and fell back to
-  about 40%, while
-  the support loss after adaptation rose from 0.4 to 1.0-1.3 and most tasks' CG began to stop
-  on negative curvature after iterates that had grown up to 9x; lam 10 did worse, inner lr 0.01 or 50
-  inner steps no better, and inner lr 0.01 with 75 steps only slower to stall in 100 steps. First-order meta-gradients (--cg-steps 0) kept learning: query accuracy 38% -> 71%
-  and support loss after adaptation 0.37 -> 0.01 over 400 steps. At the stalled
-  parameters the true gradient through the 25 unrolled inner steps is orthogonal to both the
-  first-order and the implicit meta-gradient (cosine 0.00-0.06; 0.82-0.90 at
-  initialisation): the inner loop has become chaotic there, as 5-way's did at inner lr 0.1.
-  The 20-way presets keep the 5-way values until a setting is found that trains;
-  `imaml-fast train` warns when most tasks' CG keeps stopping on negative curvature.
+  about 40%, while the support loss after adaptation rose from 0.4 to 1.0-1.3 and most
+  tasks' CG began to stop on negative curvature after iterates that had grown up to 9x.
+  lam 10 did worse; inner lr 0.01, or 50 inner steps, no better; inner lr 0.01 with 75 steps
+  reached 47% at steps 51-100 with early stops rising to 23% (not run longer). First-order
+  meta-gradients (--cg-steps 0) kept learning: query accuracy 38% -> 71% and support loss
+  after adaptation 0.37 -> 0.01 over 400 steps. At the stalled parameters the true gradient
+  through the 25 unrolled inner steps is orthogonal to both the first-order and the implicit
+  meta-gradient (cosine 0.00-0.06; 0.82-0.90 at initialisation): the inner loop has become
+  chaotic there, as 5-way's did at inner lr 0.1. The 20-way presets keep the 5-way values
+  until a setting is found that trains; `imaml-fast train` warns when most tasks' CG keeps
+  stopping on negative curvature.
 
 The sinusoid preset (MAML's regression problem on the 1-40-40-1 network) is the data-free
 default: 1,000 meta-steps of 10 tasks finish in under a minute on a CPU. Its squared-error
