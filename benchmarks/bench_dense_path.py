@@ -25,19 +25,18 @@ meta-gradient (they solve the same system: a check, not a speed).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-import imaml_fast
 from imaml_fast import IMAML, IMAMLConfig
 from imaml_fast.data.sinusoid import SinusoidSampler
 from imaml_fast.graphs import graphs_why_not
 from imaml_fast.models import sinusoid_mlp
+from peers.common import meta_line, run_meta, write_json, write_text
 from timing import sync  # benchmarks/timing.py
 
 
@@ -89,8 +88,7 @@ def measure(hidden: int, args):
 
 
 def markdown(meta, rows):
-    where = meta.get("gpu") or f"{meta['cpu']} CPU, {meta['threads']} threads"
-    head = (f"{where}, torch {meta['torch']}, {meta['date']}: sinusoid MLPs 1-H-H-1, "
+    head = (f"{meta_line(meta)}: sinusoid MLPs 1-H-H-1, "
             f"T = {meta['settings']['tasks']}, 10 inner steps, 5 CG steps, median of "
             f"{meta['settings']['repeats']} interleaved rounds\n\n")
     lines = ["| H | P | variant | ms / meta-step | dense / matrix-free | rel. diff of the "
@@ -120,20 +118,14 @@ def main(argv=None):
             print(f"H={h:3d} P={r['params']:6d} {r['variant']:28s} {r['median_ms']:9.2f} ms  "
                   f"rel diff {r['rel_diff_vs_matrix_free']:.1e}  ({r['backend']}, "
                   f"hvp={r['hvp']})", flush=True)
-    meta = {"device": args.device, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "imaml_fast": imaml_fast.__version__, "settings": vars(args),
-            "date": time.strftime("%Y-%m-%d")}
-    if torch.device(args.device).type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name()
+    meta = run_meta("benchmarks/bench_dense_path.py", vars(args), args.device)
     md = markdown(meta, rows)
     print()
     print(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(md)
+    if args.json:  # the .md beside it
+        out_dir, name = os.path.split(os.path.abspath(args.json))
+        write_json(name, {"meta": meta, "rows": rows}, out_dir)
+        write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
     return rows
 
 

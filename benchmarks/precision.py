@@ -16,17 +16,15 @@ convolutions on (PyTorch's default) and off.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
+import os
 
 import torch
 import torch.nn.functional as F
 
-import imaml_fast
 from imaml_fast import IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
 from bench_meta_step import episode  # benchmarks/bench_meta_step.py
+from peers.common import meta_line, run_meta, write_json, write_text
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,9 +64,8 @@ def measure(args):
 
 
 def markdown(meta, rows):
-    where = meta.get("gpu") or f"{meta['cpu']} CPU"
     s = meta["settings"]
-    head = (f"{where}, torch {meta['torch']}, {meta['date']}: float32 against float64, "
+    head = (f"{meta_line(meta)}: float32 against float64, "
             f"authors' Omniglot network, random data, 5-way 1-shot, T = {s['tasks']}, "
             f"{s['inner_steps']} inner steps, lam = 2, 5 CG steps\n\n")
     tf = meta.get("gpu") is not None
@@ -92,18 +89,13 @@ def main(argv=None):
     ap.add_argument("--json", help="write the raw results here (and a .md beside it)")
     args = ap.parse_args(argv)
     rows = measure(args)
-    meta = {"device": args.device, "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "imaml_fast": imaml_fast.__version__,
-            "settings": vars(args), "date": time.strftime("%Y-%m-%d")}
-    if torch.device(args.device).type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name()
+    meta = run_meta("benchmarks/precision.py", vars(args), args.device)
     md = markdown(meta, rows)
     print(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(md)
+    if args.json:  # the .md beside it
+        out_dir, name = os.path.split(os.path.abspath(args.json))
+        write_json(name, {"meta": meta, "rows": rows}, out_dir)
+        write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
     return rows
 
 
