@@ -39,11 +39,11 @@ from .trainer import IMAML
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
                      "nproc", "cuda_graphs")
 EVAL_SEED = 2019
-# A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
-# row end the run with the error.
 # Warn once when, over this many consecutive meta-steps, more than half of the tasks' CG
 # stopped on negative curvature (presets.py: a 20-way run that stalled so).
 CURVATURE_WINDOW = 20
+# A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
+# row end the run with the error.
 MAX_CONSECUTIVE_SKIPS = 10  # meta-test episodes come from their own stream, the same for every run
 
 
@@ -307,22 +307,10 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             if s.task != "sinusoid":
                 last["accuracy"] = sums[4]
             recent_negative.append(sums[3])
-            if (not warned and main_rank and len(recent_negative) == CURVATURE_WINDOW
-                    and sum(recent_negative) / CURVATURE_WINDOW > 0.5):
+            share = sum(recent_negative) / CURVATURE_WINDOW
+            if not warned and main_rank and len(recent_negative) == CURVATURE_WINDOW and share > 0.5:
                 warned = True
-                if bar is not None:
-                    bar.clear()  # the warning on a line of its own, not after the bar
-                warnings.warn(
-                    f"in the last {CURVATURE_WINDOW} meta-steps "
-                    f"{sum(recent_negative) / CURVATURE_WINDOW:.1%} of the tasks' CG stopped on "
-                    f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner "
-                    f"loops end far from a minimum, and their meta-gradients, CG iterates that "
-                    f"grew before the stop, can dominate the mean and stall training; try a larger "
-                    f"--cg-damping, a smaller --inner-lr with more --inner-steps, or "
-                    f"--cg-steps 0 (first-order)",
-                    RuntimeWarning, stacklevel=2)
-                if bar is not None:
-                    bar.refresh()
+                _warn_negative_curvature(share, bar)
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on
             if bar is not None:
@@ -342,6 +330,22 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         "stop_after" if step < s.steps else None)
     return {"steps": step, "seconds": time.perf_counter() - t0, "last": last,
             "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped}
+
+
+def _warn_negative_curvature(share: float, bar) -> None:
+    """The warning of a run whose tasks' CG keeps stopping on negative curvature, on a line
+    of its own beside the progress bar (if any)."""
+    if bar is not None:
+        bar.clear()
+    warnings.warn(
+        f"in the last {CURVATURE_WINDOW} meta-steps {share:.1%} of the tasks' CG stopped on "
+        f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner loops end far "
+        f"from a minimum, and their meta-gradients, CG iterates that grew before the stop, can "
+        f"dominate the mean and stall training; try a larger --cg-damping, a smaller "
+        f"--inner-lr with more --inner-steps, or --cg-steps 0 (first-order)",
+        RuntimeWarning, stacklevel=3)
+    if bar is not None:
+        bar.refresh()
 
 
 def _worker(rank: int, world: int, rendezvous: str, s: RunSettings, resume: bool, queue,
