@@ -112,6 +112,8 @@ def main(argv=None):
         ("torch, hvp=fwdrev", base.replace(backend="torch", hvp="fwdrev")),
         ("torch, vmap all tasks", base.replace(backend="torch", task_batching="vmap")),
         ("torch, loop over tasks", base.replace(backend="torch", task_batching="loop")),
+        # the line-search inner solver: one more gradient evaluation and a few [T, P] passes
+        ("default, gd_armijo", base.replace(inner_solver="gd_armijo")),
     ]
     # every other batched backend that runs here (cpp on a CPU; cuda and triton on a GPU)
     for info in imaml_fast.backend_info(args.device):

@@ -2,7 +2,7 @@
 meta-test tasks, record.
 
     python benchmarks/train_omniglot_quick.py --data-root ../shared/data/omniglot \
-        [--preset omniglot-5w1s] [--steps 1000] [--tasks 16] \
+        [--preset omniglot-5w1s] [--steps 1000] [--tasks 16] [--inner-solver gd_armijo] \
         [--out benchmarks/results/cpu-epyc-2core/omniglot_quick]
     python benchmarks/train_omniglot_quick.py --data-root DATA --device cuda --tasks 32 \
         --steps 30000 --minutes 6 --out benchmarks/results/<gpu>/omniglot_train
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from imaml_fast.checkpoint import write_json_atomic
+from imaml_fast.config import INNER_SOLVERS
 from imaml_fast.presets import PRESETS
 from imaml_fast.train import RunSettings, evaluate, train
 
@@ -45,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/cpu-epyc-2core/omniglot_quick")
     ap.add_argument("--run-dir", default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--inner-solver", default=None, choices=INNER_SOLVERS,
+                    help="override the preset's inner solver")
     ap.add_argument("--minutes", type=float, default=None,
                     help="time limit of the training part (default: none)")
     args = ap.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv=None):
     s = RunSettings.from_preset(args.preset, steps=args.steps, tasks=args.tasks,
                                 data_root=args.data_root, out=str(run), progress=False,
                                 checkpoint_every=max(1, min(args.steps // 4, 1000)),
-                                device=args.device)
+                                device=args.device, inner_solver=args.inner_solver)
     t0 = time.perf_counter()
     summary = train(s, max_seconds=None if args.minutes is None else 60 * args.minutes)
     train_s = time.perf_counter() - t0
@@ -79,7 +82,8 @@ def main(argv=None):
     where = result["gpu"] or f"{result['cpu']} ({result['threads']} threads)"
     ran = (f"{summary['steps']} of {args.steps} meta-steps (stopped at the {args.minutes:g}-minute "
            f"limit)" if summary.get("stopped") else f"{summary['steps']} meta-steps")
-    md = (f"{args.preset}, {ran} of {args.tasks} tasks on {where}, torch {result['torch']}, "
+    solver = f" (inner solver {s.inner_solver})" if args.inner_solver else ""
+    md = (f"{args.preset}{solver}, {ran} of {args.tasks} tasks on {where}, torch {result['torch']}, "
           f"{result['date']}\n\n"
           f"| meta-test accuracy ({r['tasks']} tasks) | train time | s / step | train accuracy by tenth of the run |\n"
           f"| ---: | ---: | ---: | --- |\n"

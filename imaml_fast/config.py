@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Union
 
-INNER_SOLVERS = ("gd", "hf")
+INNER_SOLVERS = ("gd", "gd_armijo", "hf")
 HVP_MODES = ("auto", "fwdrev", "revrev")
 TASK_BATCHING = ("auto", "vmap", "loop")
 CG_DENSE = ("auto", "never", "always")
@@ -42,8 +42,11 @@ def _check_real(field, value, *, positive=False, nonneg=False):
 class IMAMLConfig:
     """Settings of one iMAML meta-gradient computation.
 
-    inner_solver: "gd" (iMAML-GD: `inner_steps` proximal gradient steps of size `inner_lr`) or
-        "hf" (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving
+    inner_solver: "gd" (iMAML-GD: `inner_steps` proximal gradient steps of size `inner_lr`),
+        "gd_armijo" (the same steps, each kept only where it decreases the task's regularised
+        objective enough; a rejected step halves that task's step size, a kept one lets it
+        grow back towards `inner_lr`: stays convergent where the fixed step does not, see
+        imaml_fast.inner) or "hf" (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving
         (H + lam I) d = grad with `hf_cg_steps` CG iterations, then a backtracking line search of
         at most `hf_ls_steps` halvings).
     inner_lr: the GD step size. The default 0.03 is the Omniglot presets' value: with 0.1 the

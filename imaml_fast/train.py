@@ -341,8 +341,9 @@ def _warn_negative_curvature(share: float, bar) -> None:
         f"in the last {CURVATURE_WINDOW} meta-steps {share:.1%} of the tasks' CG stopped on "
         f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner loops end far "
         f"from a minimum, and their meta-gradients, CG iterates that grew before the stop, can "
-        f"dominate the mean and stall training; try a larger --cg-damping, a smaller "
-        f"--inner-lr with more --inner-steps, or --cg-steps 0 (first-order)",
+        f"dominate the mean and stall training; try --inner-solver gd_armijo (a line search "
+        f"that keeps the inner loop convergent), a larger --cg-damping, a smaller --inner-lr "
+        f"with more --inner-steps, or --cg-steps 0 (first-order)",
         RuntimeWarning, stacklevel=3)
     if bar is not None:
         bar.refresh()

@@ -35,11 +35,11 @@ def test_dense_cg_ref_solves_and_flags():
     assert torch.equal(x[2], b[2])
 
 
-@pytest.mark.parametrize("solver", ["gd", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 def test_dense_meta_gradient_equals_matrix_free(solver):
     model = conv_bn()
     ep = class_episode(4, 5, 4, (1, 6, 6), 3)
-    cfg = IMAMLConfig(inner_solver=solver, inner_steps=3 if solver == "gd" else 2, cg_steps=6,
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 3, cg_steps=6,
                       backend="torch")
     dense = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(cg_dense="always"))
     free = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(cg_dense="never"))

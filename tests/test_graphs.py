@@ -20,7 +20,7 @@ from imaml_fast.models import omniglot_conv
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("solver", ["gd", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 @pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
 def test_captured_pipeline_makes_no_host_sync(solver, hvp):
     fm = FunctionalModel(omniglot_conv(5).to("meta"), F.cross_entropy)
@@ -35,7 +35,7 @@ def test_captured_pipeline_makes_no_host_sync(solver, hvp):
         bool(r.cg_status.sum() > 0)
 
 
-@pytest.mark.parametrize("solver", ["gd", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 def test_captured_dense_path_makes_no_host_sync(solver):
     # A small model on CUDA takes the dense-Hessian path under cg_dense="auto": captured too.
     fm = FunctionalModel(conv_bn().float().to("meta"), F.cross_entropy)
@@ -145,6 +145,7 @@ def _cuda_episode(T):
 @needs_gpu
 @pytest.mark.parametrize("solver,mode,extra,tol", [
     ("gd", True, {}, 1e-5), ("hf", True, {}, 1e-5), ("gd", "auto", {}, 1e-5),
+    ("gd_armijo", True, {"inner_lr": 6.0}, 1e-5),  # line search cutting steps, replayed
     # the matrix-free products (this small model takes the dense path under "auto")
     ("gd", "auto", {"cg_dense": "never"}, 1e-5),
     ("gd", "auto", {"cg_dense": "never", "hvp": "fwdrev"}, 1e-5),

@@ -12,13 +12,14 @@ CASES = {"mlp": (mlp, (3,), 2), "conv_bn": (conv_bn, (1, 6, 6), 3)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("solver,hvp", [("gd", "fwdrev"), ("gd", "revrev"), ("hf", "auto")])
+@pytest.mark.parametrize("solver,hvp", [("gd", "fwdrev"), ("gd", "revrev"), ("gd_armijo", "revrev"),
+                                        ("hf", "auto")])
 def test_matches_exact_implicit_gradient(case, solver, hvp):
     make, shape, n_way = CASES[case]
     model = make()
     xs, ys, xq, yq = class_episode(3, 6, 4, shape, n_way)
     P = sum(p.numel() for p in model.parameters())
-    cfg = IMAMLConfig(inner_solver=solver, inner_steps=5 if solver == "gd" else 2, lam=2.0,
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 5, lam=2.0,
                       inner_lr=0.1, cg_steps=P, cg_tol=1e-13, hvp=hvp, cg_damping=0.3)
     r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
     exact = exact_implicit(model, F.cross_entropy, r.adapted_flat, xs, ys, xq, yq, 2.0, 0.3)
@@ -30,7 +31,7 @@ def test_matches_exact_implicit_gradient(case, solver, hvp):
         assert r.grads[name].shape == p.shape and r.task_grads[name].shape == (3, *p.shape)
 
 
-@pytest.mark.parametrize("solver", ["gd", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 def test_linear_regression_closed_form(solver):
     """phi*(theta) = (2/N X'X + lam I)^-1 (2/N X'y + lam theta): autograd through this
     closed form gives the exact meta-gradient."""
@@ -47,7 +48,7 @@ def test_linear_regression_closed_form(solver):
         expected.append(torch.autograd.grad(lq, theta)[0])
     expected = torch.stack(expected)
     L = max(torch.linalg.eigvalsh(2.0 / N * xs[i].T @ xs[i]).max().item() for i in range(T)) + lam
-    cfg = IMAMLConfig(inner_solver=solver, inner_steps=600 if solver == "gd" else 2,
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 600,
                       inner_lr=1.0 / L, lam=lam, cg_steps=d, cg_tol=1e-14, hf_cg_steps=d)
     r = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg)
     assert rel_err(r.task_grads_flat, expected) <= 1e-9
@@ -57,12 +58,15 @@ def test_linear_regression_closed_form(solver):
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize("solver,hvp,batching", [
     ("gd", "auto", "auto"), ("gd", "fwdrev", "vmap"), ("gd", "revrev", "loop"),
-    ("gd", "revrev", 3), ("hf", "revrev", "vmap"), ("hf", "fwdrev", 2)])
+    ("gd", "revrev", 3), ("hf", "revrev", "vmap"), ("hf", "fwdrev", 2),
+    ("gd_armijo", "auto", "auto"), ("gd_armijo", "fwdrev", 2)])
 def test_batched_equals_reference(T, solver, hvp, batching):
     model = conv_bn(n_way=3, channels=3)
     xs, ys, xq, yq = class_episode(T, 3, 5, (1, 6, 6), 3)  # odd sizes: N=3, M=5, P=120
-    cfg = IMAMLConfig(inner_solver=solver, inner_steps=4 if solver == "gd" else 2, cg_steps=5,
-                      hvp=hvp, task_batching=batching, inner_lr=0.3)
+    # gd_armijo at a step size its line search has to cut (both branches run)
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 4, cg_steps=5,
+                      hvp=hvp, task_batching=batching,
+                      inner_lr=6.0 if solver == "gd_armijo" else 0.3)
     a = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="torch"))
     b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="reference"))
     assert (a.backend, b.backend) == ("torch", "reference")
@@ -148,7 +152,7 @@ class _SavedTensorMeter:
         return box.t
 
 
-@pytest.mark.parametrize("solver", ["gd", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 def test_memory_does_not_grow_with_inner_steps(solver):
     model = conv_bn()
     xs, ys, xq, yq = class_episode(3, 5, 5, (1, 6, 6), 3)

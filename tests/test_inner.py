@@ -2,9 +2,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _helpers import DT, class_episode, flat_params, mlp
+from _helpers import DT, class_episode, flat_params, mlp, task_loss_fn
 from imaml_fast import FunctionalModel
-from imaml_fast.inner import inner_gd, inner_hf, prox_update_ref, regularised_loss
+from imaml_fast.inner import inner_gd, inner_gd_armijo, inner_hf, prox_update_ref, regularised_loss
 
 
 def test_prox_update_formula():
@@ -95,3 +95,86 @@ def test_hf_line_search_never_increases_the_regularised_objective():
         assert torch.isfinite(cur).all()
         assert (cur <= prev + 1e-12).all()
         prev = cur
+
+
+def _armijo_loop(f, theta, steps, lr, lam):
+    """inner_gd_armijo's rule for one task, on a loss w [P] -> scalar, written out with
+    autograd and Python control flow. Returns phi and the accept/reject sequence."""
+    flat = 64 * torch.finfo(theta.dtype).eps
+    def objective(w):
+        return f(w) + 0.5 * lam * torch.dot(w - theta, w - theta)
+
+    def grad(w):
+        w = w.detach().requires_grad_(True)
+        val = objective(w)
+        return torch.autograd.grad(val, w)[0], val.detach()
+
+    phi, t, history = theta.clone(), lr, []
+    G, Fv = grad(phi)
+    for _ in range(steps):
+        cand = phi - t * G
+        Gc, Fc = grad(cand)
+        level = abs(Fc - Fv) <= flat * abs(Fv) and Gc.norm() < G.norm()
+        if torch.isfinite(Fc) and (Fc <= Fv - 1e-4 * t * torch.dot(G, G) or level):
+            phi, G, Fv, t = cand, Gc, Fc, min(1.25 * t, lr)
+            history.append(True)
+        else:
+            t = 0.5 * t
+            history.append(False)
+    return phi, history
+
+
+def test_gd_armijo_matches_an_independent_per_task_loop():
+    model = mlp()
+    fm = FunctionalModel(model, F.cross_entropy)
+    xs, ys, _, _ = class_episode(4, 6, 1, (3,), 2)
+    xs = xs * 2
+    lam, lr, steps = 0.5, 8.0, 12
+    out = inner_gd_armijo(fm, fm.theta, xs, ys, steps=steps, lr=lr, lam=lam)
+    assert out.grad_evals == steps + 1
+    theta = flat_params(model)
+    histories = []
+    for i in range(4):
+        phi, history = _armijo_loop(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), theta,
+                                    steps, lr, lam)
+        assert torch.allclose(out.phi[i], phi, rtol=1e-12, atol=1e-13), i
+        histories += history
+    assert any(histories) and not all(histories)  # both branches ran
+
+
+def test_gd_armijo_converges_where_fixed_step_gd_diverges():
+    d, lam = 4, 0.5
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    fm = FunctionalModel(model, F.mse_loss)
+    X, y = linreg_tasks(3, 6, d, torch.ones(d, dtype=DT))
+    theta = fm.theta
+    exact = linreg_minimiser(X, y, theta, lam)
+    L = torch.linalg.eigvalsh(2.0 / 6 * X.transpose(1, 2) @ X).max().item() + lam
+    gd = inner_gd(fm, theta, X, y, steps=200, lr=3.0 / L, lam=lam)  # past the 2 / L bound
+    assert ((gd.phi - exact).norm(dim=1) > 1e3).all()
+    ls = inner_gd_armijo(fm, theta, X, y, steps=1000, lr=3.0 / L, lam=lam)
+    # to the last digits: past where the objective's decrease is lost in its rounding (about
+    # 1e-8 from the minimiser), the steps that shrink the gradient are kept
+    assert torch.allclose(ls.phi, exact, rtol=1e-12, atol=1e-13)
+
+
+def test_gd_armijo_never_increases_the_objective_and_rejects_non_finite_steps():
+    model = mlp(hidden=8)
+
+    def loss(out, y):  # undefined (NaN) where any logit leaves [-2, 2]
+        bad = (out.abs() > 2).any()
+        return F.cross_entropy(out, y) + torch.where(bad, torch.nan, 0.0)
+
+    fm = FunctionalModel(model, loss)
+    xs, ys, _, _ = class_episode(5, 6, 1, (3,), 2)
+    lam, theta = 0.05, fm.theta
+    prev = regularised_loss(fm.losses(theta.expand(5, -1), xs, ys), theta.expand(5, -1), theta, lam)
+    assert torch.isfinite(prev).all()
+    for k in range(1, 8):
+        phi = inner_gd_armijo(fm, theta, xs, ys, steps=k, lr=50.0, lam=lam).phi
+        cur = regularised_loss(fm.losses(phi, xs, ys), phi, theta, lam)
+        assert torch.isfinite(cur).all()
+        assert (cur <= prev * (1 + 64 * 2.0 ** -52)).all()  # up to rounding
+        prev = cur
+    assert (prev < regularised_loss(fm.losses(theta.expand(5, -1), xs, ys), theta.expand(5, -1),
+                                    theta, lam)).all()

@@ -221,6 +221,7 @@ def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tm
     # steps 4 .. 25 all flagged: the first full window (steps 1-20) is 17/20 flagged, and the
     # warning comes once, not at every later step
     assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--inner-lr" in msgs[0]
+    assert "--inner-solver gd_armijo" in msgs[0]
 
 
 def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):

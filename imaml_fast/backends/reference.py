@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..cg import (CG_CONVERGED, CG_MAX_ITER, CG_NEGATIVE_CURVATURE, CG_NONFINITE)
-
-ARMIJO_C = 1e-4
+from ..inner import ARMIJO_C, ARMIJO_FLAT, GD_ARMIJO_GROW
 
 
 def _grad(fm, loss_of, w):
@@ -90,6 +89,31 @@ def _inner_gd(fm, loss_of, theta, config):
     return phi
 
 
+def _inner_gd_armijo(fm, loss_of, theta, config):
+    lam, lr = config.lam, float(config.inner_lr)
+
+    def objective(w, loss):
+        d = w - theta
+        return loss + 0.5 * lam * torch.dot(d, d)
+
+    phi, t = theta.clone(), lr
+    flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
+    g, loss = _grad(fm, loss_of, phi)
+    G, F = g + lam * (phi - theta), objective(phi, loss)
+    for _ in range(config.inner_steps):
+        cand = phi - t * G
+        gc, lc = _grad(fm, loss_of, cand)
+        Fc, Gc = objective(cand, lc), gc + lam * (cand - theta)
+        decrease = Fc <= F - ARMIJO_C * t * torch.dot(G, G)
+        level = abs(Fc - F) <= flat * abs(F) and torch.dot(Gc, Gc) < torch.dot(G, G)
+        if torch.isfinite(Fc) and (decrease or level):
+            phi, G, F = cand, Gc, Fc
+            t = min(t * GD_ARMIJO_GROW, lr)
+        else:
+            t = 0.5 * t
+    return phi
+
+
 def _inner_hf(fm, loss_of, theta, config):
     lam = config.lam
     phi = theta.clone()
@@ -139,7 +163,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         def query(params, i=i):
             return fm.loss_params(params, xq[i], yq[i])
 
-        solve = _inner_gd if config.inner_solver == "gd" else _inner_hf
+        solve = {"gd": _inner_gd, "gd_armijo": _inner_gd_armijo, "hf": _inner_hf}[config.inner_solver]
         phi = solve(fm, support, theta, config)
         gq, ql = _grad(fm, query, phi)
         with torch.no_grad():
