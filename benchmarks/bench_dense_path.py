@@ -25,7 +25,6 @@ meta-gradient (they solve the same system: a check, not a speed).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -36,7 +35,7 @@ from imaml_fast import IMAML, IMAMLConfig
 from imaml_fast.data.sinusoid import SinusoidSampler
 from imaml_fast.graphs import graphs_why_not
 from imaml_fast.models import sinusoid_mlp
-from peers.common import meta_line, run_meta, write_json, write_text
+from peers.common import meta_line, run_meta, write_results
 from timing import sync  # benchmarks/timing.py
 
 
@@ -123,9 +122,7 @@ def main(argv=None):
     print()
     print(md)
     if args.json:  # the .md beside it
-        out_dir, name = os.path.split(os.path.abspath(args.json))
-        write_json(name, {"meta": meta, "rows": rows}, out_dir)
-        write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
+        write_results(args.json, {"meta": meta, "rows": rows}, md)
     return rows
 
 

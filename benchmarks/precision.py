@@ -16,7 +16,6 @@ convolutions on (PyTorch's default) and off.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from imaml_fast import IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
 from bench_meta_step import episode  # benchmarks/bench_meta_step.py
-from peers.common import meta_line, run_meta, write_json, write_text
+from peers.common import meta_line, run_meta, write_results
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,9 +92,7 @@ def main(argv=None):
     md = markdown(meta, rows)
     print(md)
     if args.json:  # the .md beside it
-        out_dir, name = os.path.split(os.path.abspath(args.json))
-        write_json(name, {"meta": meta, "rows": rows}, out_dir)
-        write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
+        write_results(args.json, {"meta": meta, "rows": rows}, md)
     return rows
 
 

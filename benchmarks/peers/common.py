@@ -168,6 +168,13 @@ def write_text(name: str, text: str, out_dir: str = RESULTS_DIR) -> str:
     return path
 
 
+def write_results(json_path: str, payload: Dict, md: str) -> None:
+    """A script's --json: the raw results at json_path and the markdown table beside it."""
+    out_dir, name = os.path.split(os.path.abspath(json_path))
+    write_json(name, payload, out_dir)
+    write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (plots are optional)."""
     try:
