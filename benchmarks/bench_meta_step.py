@@ -112,8 +112,12 @@ def main(argv=None):
         ("torch, hvp=fwdrev", base.replace(backend="torch", hvp="fwdrev")),
         ("torch, vmap all tasks", base.replace(backend="torch", task_batching="vmap")),
         ("torch, loop over tasks", base.replace(backend="torch", task_batching="loop")),
-        # the line-search inner solver: one more gradient evaluation and a few [T, P] passes
-        ("default, gd_armijo", base.replace(inner_solver="gd_armijo")),
+        # the line-search inner solver (one more gradient evaluation and a few [T, P] passes)
+        # against the fixed step, both with the task batching pinned: "auto" can pick
+        # differently in each process, which would hide the solvers' own difference
+        ("default, vmap all tasks", base.replace(task_batching="vmap")),
+        ("default, gd_armijo, vmap all tasks", base.replace(inner_solver="gd_armijo",
+                                                            task_batching="vmap")),
     ]
     # every other batched backend that runs here (cpp on a CPU; cuda and triton on a GPU)
     for info in imaml_fast.backend_info(args.device):
@@ -137,14 +141,14 @@ def main(argv=None):
         r = infos[name]
         rows.append({"variant": name, "median_s": med, "times_s": times[name],
                      "tasks_per_s": args.tasks / med, **r})
-        print(f"{name:26s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
+        print(f"{name:34s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
               f"(backend={r['backend']}, hvp={r['hvp']}, task_batching={r['task_batching']})",
               flush=True)
     ref = rows[0]["median_s"]  # the reference unless --skip-reference
     print()
     for row in rows:
         row["speedup_vs_first"] = ref / row["median_s"]
-        print(f"{row['variant']:26s} {row['speedup_vs_first']:6.2f}x vs {rows[0]['variant']}")
+        print(f"{row['variant']:34s} {row['speedup_vs_first']:6.2f}x vs {rows[0]['variant']}")
     meta = {"device": str(args.device), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "imaml_fast": imaml_fast.__version__, "settings": vars(args),
