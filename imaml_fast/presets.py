@@ -60,7 +60,12 @@ Hessians have large negative eigenvalues (a product of weights times a residual 
 amplitude 5): with lam = 2 and no damping, CG flags negative curvature in 60% of the tasks
 and the meta-loss stalls near 4. cg_damping = 10 (the same size as the iMAML authors'
 lam_damping) keeps the implicit system positive definite: over 300 meta-steps the query MSE
-after adaptation falls from 5.3 to 1.8 where lam = 2 alone reaches 2.6.
+after adaptation falls from 5.3 to 1.8 where lam = 2 alone reaches 2.6. (Those runs used the
+fixed step.) Its inner solver is gd_armijo too: with the fixed step the query MSE was best
+(1.40-1.47) near step 500 and rose again, and with seed 1 the inner loop diverged from step
+~620 (support MSE 1e3, then 1e14 and beyond); with the line search it kept falling, to
+0.65-0.82 over steps 601-1,000 with both seeds
+(benchmarks/results/cpu-epyc-2core/sinusoid_gd_armijo/).
 """
 from __future__ import annotations
 
@@ -74,7 +79,7 @@ def _omniglot(n_way: int, k_shot: int) -> dict:
 
 PRESETS = {
     "sinusoid": dict(task="sinusoid", n_way=1, k_shot=10, q_query=10, tasks=10, steps=1000,
-                     inner_solver="gd", inner_steps=10, inner_lr=0.02, lam=2.0, cg_steps=5,
+                     inner_solver="gd_armijo", inner_steps=10, inner_lr=0.02, lam=2.0, cg_steps=5,
                      cg_damping=10.0, outer_lr=1e-3),
     **{f"omniglot-{n}w{k}s": _omniglot(n, k) for n in (5, 20) for k in (1, 5)},
 }
