@@ -46,9 +46,11 @@ class IMAMLConfig:
         "gd_armijo" (the same steps, each kept only where it decreases the task's regularised
         objective enough; a rejected step halves that task's step size, a kept one lets it
         grow back towards `inner_lr`: stays convergent where the fixed step does not, see
-        imaml_fast.inner) or "hf" (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving
-        (H + lam I) d = grad with `hf_cg_steps` CG iterations, then a backtracking line search of
-        at most `hf_ls_steps` halvings).
+        imaml_fast.inner; every preset of `imaml-fast train` uses it, while the default here
+        stays the paper's "gd", the algorithm the speed comparisons measure) or "hf"
+        (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving (H + lam I) d = grad
+        with `hf_cg_steps` CG iterations, then a backtracking line search of at most
+        `hf_ls_steps` halvings).
     inner_lr: the GD step size. The default 0.03 is the Omniglot presets' value: with 0.1 the
         inner loop of the paper's Omniglot network stops converging as meta-training sharpens
         it (imaml_fast/presets.py has the measurements).
