@@ -112,7 +112,8 @@ def step_counts(config, inner_only: bool = False) -> dict:
     if config.inner_solver == "hf":
         grads, hvps = config.inner_steps, config.inner_steps * config.hf_cg_steps
     else:  # gd_armijo also evaluates the gradient at the start point
-        grads, hvps = config.inner_steps + (config.inner_solver == "gd_armijo"), 0
+        start = config.inner_solver == "gd_armijo" and config.inner_steps > 0
+        grads, hvps = config.inner_steps + start, 0
     if not inner_only:
         grads += 2  # the query gradient and the support gradient kept for the products
         hvps += config.cg_steps

@@ -82,6 +82,8 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     from the minimiser, where every step's decrease is below F_i's rounding.)"""
     T = x.shape[0]
     phi = theta.expand(T, -1).clone()
+    if steps == 0:
+        return InnerResult(phi=phi)
     g, losses = fm.grad_and_losses(phi, x, y, strategy)
     G = g + lam * (phi - theta)
     F = regularised_loss(losses, phi, theta, lam).to(phi.dtype)

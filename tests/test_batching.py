@@ -69,5 +69,8 @@ def test_tuning_weighs_gradients_and_products_as_a_meta_step_makes_them(monkeypa
     gd = IMAMLConfig(inner_steps=16, cg_steps=5)
     assert batching.step_counts(gd) == {"inner_steps": 18, "hvps": 5}
     assert batching.step_counts(gd, inner_only=True) == {"inner_steps": 16, "hvps": 0}
+    armijo = IMAMLConfig(inner_solver="gd_armijo", inner_steps=16, cg_steps=5)
+    assert batching.step_counts(armijo, inner_only=True) == {"inner_steps": 17, "hvps": 0}
+    assert batching.step_counts(armijo.replace(inner_steps=0), inner_only=True)["inner_steps"] == 0
     hf = IMAMLConfig(inner_solver="hf", inner_steps=4, hf_cg_steps=5, cg_steps=5)
     assert batching.step_counts(hf) == {"inner_steps": 6, "hvps": 25}

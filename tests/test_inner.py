@@ -132,6 +132,8 @@ def test_gd_armijo_matches_an_independent_per_task_loop():
     lam, lr, steps = 0.5, 8.0, 12
     out = inner_gd_armijo(fm, fm.theta, xs, ys, steps=steps, lr=lr, lam=lam)
     assert out.grad_evals == steps + 1
+    none = inner_gd_armijo(fm, fm.theta, xs, ys, steps=0, lr=lr, lam=lam)
+    assert none.grad_evals == 0 and torch.equal(none.phi, fm.theta.expand(4, -1))
     theta = flat_params(model)
     histories = []
     for i in range(4):
