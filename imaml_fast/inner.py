@@ -64,7 +64,7 @@ def inner_gd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: 
 
 
 def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: float,
-                    lam: float, strategy="vmap") -> InnerResult:
+                    lam: float, strategy="vmap", dot=batched_dot) -> InnerResult:
     """Proximal gradient descent with a per-task step size t_i (starting at lr): iteration k
     proposes c = phi - t_i G_i, G_i = grad F_i(phi), and keeps it only where
     F_i(c) <= F_i(phi) - ARMIJO_C t_i ||G_i||^2, or, where the two values of F_i differ by less
@@ -72,7 +72,8 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     fails both. A task that
     fails keeps phi_i and halves t_i; one that passes multiplies t_i by GD_ARMIJO_GROW, at
     most lr. Each proposal costs one batched gradient evaluation (its gradient is the next
-    iteration's G if it is kept), so K steps cost K + 1.
+    iteration's G if it is kept), so K steps cost K + 1. dot: the per-task dot product [T]
+    (a backend's fused batched_dot).
 
     Why: with a fixed step, iMAML-GD on the Omniglot network stops converging once
     meta-training sharpens the support loss past lr * (largest Hessian eigenvalue + lam) = 2;
@@ -87,7 +88,7 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     g, losses = fm.grad_and_losses(phi, x, y, strategy)
     G = g + lam * (phi - theta)
     F = regularised_loss(losses, phi, theta, lam).to(phi.dtype)
-    GG = batched_dot(G, G)
+    GG = dot(G, G)
     t = torch.full((T,), float(lr), dtype=phi.dtype, device=phi.device)
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
     for _ in range(steps):
@@ -95,9 +96,9 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
         cand = torch.addcmul(phi, t.unsqueeze(-1), G, value=-1.0)
         gc, lc = fm.grad_and_losses(cand, x, y, strategy)
         d = cand - theta
-        Fc = (lc + 0.5 * lam * batched_dot(d, d).to(lc.dtype)).to(phi.dtype)
+        Fc = (lc + 0.5 * lam * dot(d, d).to(lc.dtype)).to(phi.dtype)
         Gc = d.mul_(lam).add_(gc)  # grad F at cand, in d's buffer
-        GGc = batched_dot(Gc, Gc)
+        GGc = dot(Gc, Gc)
         ok = torch.isfinite(Fc) & ((Fc <= F - ARMIJO_C * t * GG)
                                    | (((Fc - F).abs() <= flat * F.abs()) & (GGc < GG)))
         keep = ok.unsqueeze(-1)
@@ -173,7 +174,8 @@ def solve_inner(fm: FunctionalModel, theta: torch.Tensor, x, y, config, strategy
     with torch.no_grad():
         if config.inner_solver == "gd_armijo":
             return inner_gd_armijo(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
-                                   lam=config.lam, strategy=strategy)
+                                   lam=config.lam, strategy=strategy,
+                                   dot=ops.get("batched_dot", batched_dot))
         if config.inner_solver == "gd":
             return inner_gd(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
                             lam=config.lam, strategy=strategy, prox_update=ops["prox_update"])
