@@ -13,9 +13,11 @@
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
 # compare" runs the build and only these steps (of: tests triton meta compare compare20
-# memory cg kernels precision dense profile; and tf32, a diagnostic, and train, minutes of Omniglot training
-# (GPU_CHECK_TRAIN_MINUTES, default 6; GPU_CHECK_TRAIN_PRESET, default omniglot-5w1s;
-# OMNIGLOT_ROOT), which only run when named);
+# memory cg kernels precision dense profile; and tf32, a diagnostic, train, minutes of Omniglot
+# training (GPU_CHECK_TRAIN_MINUTES, default 6; GPU_CHECK_TRAIN_PRESET, default omniglot-5w1s;
+# OMNIGLOT_ROOT), and inner, benchmarks/inner_convergence.py on GPU_CHECK_TRAIN_PRESET (default
+# there omniglot-20w1s) for GPU_CHECK_INNER_STEPS meta-steps (default 300), which only run
+# when named);
 # GPU_CHECK_ARCHIVE=FILE
 # also packs the results folder into FILE (.tgz) after every step, for machines from which
 # only a few files can be copied back. The machine needs torch, triton, pybind11, cmake,
@@ -133,6 +135,16 @@ log "dense-Hessian path against matrix-free CG, sinusoid MLPs of P = 321 ... 4,3
 timeout 120 $PY benchmarks/bench_dense_path.py --device cuda --repeats 20 \
   --json "$RESULTS/bench_dense_path.json" 2>&1 | tee "$RESULTS/bench_dense_path.txt" \
   || fail "bench_dense_path"; pack
+fi
+
+if named inner; then  # only when named: does the inner loop still solve its problem later on?
+isteps=${GPU_CHECK_INNER_STEPS:-300}
+log "inner-loop convergence along ${isteps} meta-steps of ${GPU_CHECK_TRAIN_PRESET:-omniglot-20w1s}, fixed step vs line search"
+timeout $(( isteps * 2 + 120 )) $PY benchmarks/inner_convergence.py --device cuda \
+  --preset "${GPU_CHECK_TRAIN_PRESET:-omniglot-20w1s}" --steps "$isteps" --every 20 \
+  --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
+  --json "$RESULTS/inner_convergence.json" 2>&1 | tail -n 40 | tee "$RESULTS/inner_convergence.txt" \
+  || fail "inner_convergence"; pack
 fi
 
 if want profile; then
