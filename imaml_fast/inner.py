@@ -69,11 +69,10 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     proposes c = phi - t_i G_i, G_i = grad F_i(phi), and keeps it only where
     F_i(c) <= F_i(phi) - ARMIJO_C t_i ||G_i||^2, or, where the two values of F_i differ by less
     than their rounding (ARMIJO_FLAT), where ||grad F_i(c)|| < ||G_i||; a non-finite F_i(c)
-    fails both. A task that
-    fails keeps phi_i and halves t_i; one that passes multiplies t_i by GD_ARMIJO_GROW, at
-    most lr. Each proposal costs one batched gradient evaluation (its gradient is the next
-    iteration's G if it is kept), so K steps cost K + 1. dot: the per-task dot product [T]
-    (a backend's fused batched_dot).
+    fails both. A task that fails keeps phi_i and halves t_i; one that passes multiplies t_i
+    by GD_ARMIJO_GROW, at most lr. Each proposal costs one batched gradient evaluation (its
+    gradient is the next iteration's G if it is kept), so K steps cost K + 1. dot: the
+    per-task dot product [T] (a backend's fused batched_dot).
 
     Why: with a fixed step, iMAML-GD on the Omniglot network stops converging once
     meta-training sharpens the support loss past lr * (largest Hessian eigenvalue + lam) = 2;
