@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = Path(args.run_dir or f"/tmp/imaml_fast_quick_{int(time.time())}")
+    run = Path(args.run_dir or tempfile.mkdtemp(prefix="imaml_fast_quick_"))
     s = RunSettings.from_preset(args.preset, steps=args.steps, tasks=args.tasks,
                                 data_root=args.data_root, out=str(run), progress=False,
                                 checkpoint_every=max(1, min(args.steps // 4, 1000)),
