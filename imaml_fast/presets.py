@@ -48,9 +48,9 @@ and say why here:
   so (0-2% of tasks) and training has not fallen back in 800 steps: 38% -> 78% and still
   rising, 73.77 +- 0.49% on 600 meta-test tasks, where the best fixed-step run scored
   31.21%; first-order kept the same pace as far as its run went (70% at steps 301-350), and
-  whether the implicit gradient pulls ahead later needs longer runs. Larger damping weighs the Hessian term less (the
-  operator is proportional to I + H / (lam + damping)); the authors' code's operator is
-  about I + H / 24. All on the CPU with 16 tasks per step and seed 0
+  whether the implicit gradient pulls ahead later needs longer runs. Larger damping weighs
+  the Hessian term less (the operator is proportional to I + H / (lam + damping)); the
+  authors' code's operator is about I + H / 24. All on the CPU with 16 tasks per step and seed 0
   (benchmarks/results/cpu-epyc-2core/omniglot_gd_armijo/ and omniglot_20w1s/). The 20-way
   5-shot preset takes the same values; a first check, 60 steps, rose from 59% to 78%
   (benchmarks/results/cpu-epyc-2core/omniglot_20w5s/).
