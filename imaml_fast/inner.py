@@ -84,9 +84,9 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     phi = theta.expand(T, -1).clone()
     if steps == 0:
         return InnerResult(phi=phi)
-    g, losses = fm.grad_and_losses(phi, x, y, strategy)
-    G = g + lam * (phi - theta)
-    F = regularised_loss(losses, phi, theta, lam).to(phi.dtype)
+    # at phi = theta the proximal term and its gradient are zero: G = g, F = the support loss
+    G, losses = fm.grad_and_losses(phi, x, y, strategy)
+    F = losses.to(phi.dtype)
     GG = dot(G, G)
     t = torch.full((T,), float(lr), dtype=phi.dtype, device=phi.device)
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps

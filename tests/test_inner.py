@@ -31,14 +31,20 @@ def linreg_minimiser(X, y, theta, lam):
     return torch.linalg.solve(A, rhs).squeeze(-1)
 
 
-def test_gd_and_hf_converge_to_the_closed_form_minimiser():
-    d, lam = 4, 0.5
+def linreg_problem(d, lam):
+    """Three 6-point linear-regression tasks: the model, its tasks, theta, the exact proximal
+    minimisers and the regularised objective's largest curvature L."""
     model = nn.Linear(d, 1, bias=False).to(DT)
     fm = FunctionalModel(model, F.mse_loss)
     X, y = linreg_tasks(3, 6, d, torch.ones(d, dtype=DT))
-    theta = fm.theta
-    exact = linreg_minimiser(X, y, theta, lam)
+    exact = linreg_minimiser(X, y, fm.theta, lam)
     L = torch.linalg.eigvalsh(2.0 / 6 * X.transpose(1, 2) @ X).max().item() + lam
+    return fm, X, y, fm.theta, exact, L
+
+
+def test_gd_and_hf_converge_to_the_closed_form_minimiser():
+    d, lam = 4, 0.5
+    fm, X, y, theta, exact, L = linreg_problem(d, lam)
     gd = inner_gd(fm, theta, X, y, steps=800, lr=1.0 / L, lam=lam)
     assert torch.allclose(gd.phi, exact, rtol=1e-9, atol=1e-10)
     hf = inner_hf(fm, theta, X, y, steps=2, lam=lam, cg_steps=d, cg_tol=1e-14, ls_steps=5)
@@ -145,13 +151,8 @@ def test_gd_armijo_matches_an_independent_per_task_loop():
 
 
 def test_gd_armijo_converges_where_fixed_step_gd_diverges():
-    d, lam = 4, 0.5
-    model = nn.Linear(d, 1, bias=False).to(DT)
-    fm = FunctionalModel(model, F.mse_loss)
-    X, y = linreg_tasks(3, 6, d, torch.ones(d, dtype=DT))
-    theta = fm.theta
-    exact = linreg_minimiser(X, y, theta, lam)
-    L = torch.linalg.eigvalsh(2.0 / 6 * X.transpose(1, 2) @ X).max().item() + lam
+    lam = 0.5
+    fm, X, y, theta, exact, L = linreg_problem(4, lam)
     gd = inner_gd(fm, theta, X, y, steps=200, lr=3.0 / L, lam=lam)  # past the 2 / L bound
     assert ((gd.phi - exact).norm(dim=1) > 1e3).all()
     ls = inner_gd_armijo(fm, theta, X, y, steps=1000, lr=3.0 / L, lam=lam)

@@ -98,16 +98,17 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
 
     phi, t = theta.clone(), lr
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
-    g, loss = _grad(fm, loss_of, phi)
-    G, F = g + lam * (phi - theta), objective(phi, loss)
+    G, F = _grad(fm, loss_of, phi)  # at phi = theta the proximal term and its gradient are 0
+    GG = torch.dot(G, G)
     for _ in range(config.inner_steps):
         cand = phi - t * G
         gc, lc = _grad(fm, loss_of, cand)
         Fc, Gc = objective(cand, lc), gc + lam * (cand - theta)
-        decrease = Fc <= F - ARMIJO_C * t * torch.dot(G, G)
-        level = abs(Fc - F) <= flat * abs(F) and torch.dot(Gc, Gc) < torch.dot(G, G)
+        GGc = torch.dot(Gc, Gc)
+        decrease = Fc <= F - ARMIJO_C * t * GG
+        level = abs(Fc - F) <= flat * abs(F) and GGc < GG
         if torch.isfinite(Fc) and (decrease or level):
-            phi, G, F = cand, Gc, Fc
+            phi, G, GG, F = cand, Gc, GGc, Fc
             t = min(t * GD_ARMIJO_GROW, lr)
         else:
             t = 0.5 * t
