@@ -1,6 +1,7 @@
 """The `imaml-fast` command (also `python -m imaml_fast`).
 
-    imaml-fast train [PRESET] [--steps N] [--lam 2] ... [--out DIR] [--resume]
+    imaml-fast train [PRESET] [--steps N] [--lam 2] ... [--out DIR]
+    imaml-fast train --out DIR --resume [--steps N]   (the run's own settings)
     imaml-fast eval CHECKPOINT [--tasks 600] [--data-root DIR] [--out FILE]
     imaml-fast download --data-root DIR
     imaml-fast backends
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{train,eval,download,backends}")
 
     t = sub.add_parser("train", help="meta-train (default preset: sinusoid, under a minute on a CPU)")
-    t.add_argument("preset", nargs="?", default="sinusoid", choices=sorted(PRESETS),
-                   help="settings to start from (default: sinusoid)")
+    t.add_argument("preset", nargs="?", choices=sorted(PRESETS),
+                   help="settings to start from (default: sinusoid; with --resume, the run's)")
+    # Flags left out are None: a new run takes the preset's value (or RunSettings' default),
+    # a resumed one the value its checkpoint saved.
     g = t.add_argument_group("settings (override the preset)")
     g.add_argument("--steps", type=_positive_int, help="meta-steps in total")
     g.add_argument("--tasks", type=_positive_int, help="tasks per meta-batch")
@@ -73,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed_form (default: imaml_fast.layers' second derivatives of "
                         "convolution and BatchNorm) or autograd (ATen's own)")
     g.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-parameters")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, help="default: 0")
+    t.add_argument("--device", help="default: cpu")
     t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each meta-step as a captured CUDA graph (default: on for a "
                         "CUDA device, falling back to uncaptured if a capture fails; on an H100 "
@@ -82,15 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-cuda-graphs turns it off")
     t.add_argument("--data-root", help="folder with the Omniglot zips (omniglot presets)")
     t.add_argument("--out", help="run folder (default: runs/<preset>-<date>-<time>)")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--checkpoint-every", type=_positive_int, help="default: 100 steps")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings it saved (flags given "
+                        "override them: --steps, --device, --data-root, --nproc, ... may change)")
     t.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="stop, with a checkpoint, at the first step that ends after this many "
                         "minutes of training; --resume continues")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--nproc", type=_positive_int, default=1,
+    t.add_argument("--nproc", type=_positive_int,
                    help="processes that share each meta-batch (torch.distributed: gloo on CPU, "
-                        "NCCL on GPUs)")
+                        "NCCL on GPUs; default: 1)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on meta-test tasks")
     e.add_argument("checkpoint")
@@ -113,16 +118,19 @@ def _train(args) -> int:
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
         "lam", "cg_steps", "cg_tol", "cg_damping", "hvp", "backend", "task_batching",
         "layer_derivatives", "outer_lr")}
+    fields.update(seed=args.seed, device=args.device, data_root=args.data_root,
+                  checkpoint_every=args.checkpoint_every, nproc=args.nproc,
+                  cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
     out = args.out
-    if out is None:
-        if args.resume:
+    if args.resume:
+        if out is None:
             raise ValueError("--resume needs --out: the folder of the run to continue")
-        out = f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    s = RunSettings.from_preset(args.preset, **fields, seed=args.seed, device=args.device,
-                                cuda_graphs="auto" if args.cuda_graphs is None else args.cuda_graphs,
-                                data_root=args.data_root, out=out,
-                                checkpoint_every=args.checkpoint_every,
-                                progress=not args.no_progress, nproc=args.nproc)
+        s = RunSettings.resumed(out, preset=args.preset, **fields)
+    else:
+        preset = args.preset or "sinusoid"
+        if out is None:
+            out = f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        s = RunSettings.from_preset(preset, **fields, out=out)
     if args.time_limit is not None and not args.time_limit > 0:
         raise ValueError(f"--time-limit {args.time_limit:g} is invalid: give minutes > 0")
     summary = train_multiprocess(s, resume=args.resume,

@@ -38,6 +38,8 @@ from .trainer import IMAML
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
                      "nproc", "cuda_graphs")
+_NO_CHECKPOINT = ("--resume but {path} does not exist: start the run without --resume, or "
+                  "point --out at the run folder")
 EVAL_SEED = 2019
 # Warn once when, over this many consecutive meta-steps, more than half of the tasks' CG
 # stopped on negative curvature (presets.py: a 20-way run that stalled so).
@@ -83,6 +85,24 @@ class RunSettings:
             raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
         fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(preset=preset, **fields)
+
+    @classmethod
+    def resumed(cls, out, preset: Optional[str] = None, **overrides) -> "RunSettings":
+        """The settings of the run in folder `out`, as its checkpoint saved them, with the
+        `overrides` that are not None on top: `imaml-fast train --out DIR --resume --steps N`
+        continues a run without repeating its preset and flags. A preset or override that
+        changes more than RESUMABLE_CHANGES is refused by train(), naming the fields."""
+        ckpt_path = Path(out) / "checkpoint.pt"
+        if not ckpt_path.exists():
+            raise CheckpointError(_NO_CHECKPOINT.format(path=ckpt_path))
+        saved = load_checkpoint(ckpt_path)["settings"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in saved.items() if k in names}
+        if preset is not None:
+            fields["preset"] = preset
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        fields["out"] = str(out)
+        return cls(**fields)
 
     def imaml_config(self) -> IMAMLConfig:
         return IMAMLConfig(inner_solver=self.inner_solver, inner_steps=self.inner_steps,
@@ -208,8 +228,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
         raise ValueError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue "
                          f"it, or choose another --out")
     if resume and not ckpt_path.exists():
-        raise CheckpointError(f"--resume but {ckpt_path} does not exist: start the run without "
-                              f"--resume, or point --out at the run folder")
+        raise CheckpointError(_NO_CHECKPOINT.format(path=ckpt_path))
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)

@@ -85,12 +85,37 @@ def test_warnings_read_as_the_commands_own_lines(monkeypatch, capsys):
     assert "train.py:7" in after
 
 
-def test_resuming_a_finished_run_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None:
-                        {"steps": 6, "seconds": 0.1, "last": {}, "curve": None,
-                         "stopped": None})
-    code, out, _ = run(["train", "--out", "x", "--resume"], capsys)
-    assert code == 0 and "trained 6 meta-steps in 0.1 s (nothing left to train)" in out
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run(["train", "--steps", "2", "--tasks", "2", "--inner-steps", "1", "--out", out,
+                "--no-progress"], capsys)[0] == 0
+    code, text, _ = run(["train", "--out", out, "--resume", "--no-progress"], capsys)
+    assert code == 0 and "trained 2 meta-steps" in text and "(nothing left to train)" in text
+
+
+def test_resume_takes_the_runs_own_settings(tmp_path, capsys):
+    """`train --out DIR --resume --steps N` continues with the preset and flags the run was
+    started with (here all non-default) and ends where an uninterrupted run ends."""
+    import torch
+
+    flags = ["--tasks", "3", "--inner-steps", "2", "--lam", "3", "--inner-solver", "gd_armijo",
+             "--seed", "5", "--checkpoint-every", "1", "--no-progress"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(["train", "sinusoid", "--steps", "2", "--out", a] + flags, capsys)[0] == 0
+    assert run(["train", "--out", a, "--resume", "--steps", "4", "--no-progress"], capsys)[0] == 0
+    assert run(["train", "sinusoid", "--steps", "4", "--out", b] + flags, capsys)[0] == 0
+    sa = json.loads((tmp_path / "a" / "settings.json").read_text())
+    sb = json.loads((tmp_path / "b" / "settings.json").read_text())
+    assert {k: v for k, v in sa.items() if k != "out"} == {k: v for k, v in sb.items() if k != "out"}
+    assert (sa["lam"], sa["seed"], sa["inner_solver"], sa["tasks"], sa["steps"]) == (3.0, 5, "gd_armijo", 3, 4)
+    ma = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    mb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    # a flag that changes the run is still refused, naming it; so is another preset
+    code, _, err = run(["train", "--out", a, "--resume", "--lam", "2"], capsys)
+    assert code == 2 and "another configuration (lam: checkpoint 3.0, now 2.0)" in err
+    code, _, err = run(["train", "omniglot-5w1s", "--out", a, "--resume"], capsys)
+    assert code == 2 and "preset: checkpoint 'sinusoid', now 'omniglot-5w1s'" in err
 
 
 def test_time_limit_is_passed_in_seconds(trained_settings, capsys):
