@@ -1,12 +1,12 @@
 """Does the inner loop still solve its problem as meta-training goes on? One solver per run.
 
 Meta-trains an Omniglot preset from the same seed once per inner solver named, and every
---every meta-steps, on that step's tasks and before the step is taken, measures per task:
+--every meta-steps, on that step's tasks, records per task:
 
 - the relative residual ||grad F(phi)|| / ||grad F(theta)|| of the inner problem
   F(phi) = L_support(phi) + lam/2 ||phi - theta||^2 at the solver's phi (the implicit
-  meta-gradient assumes grad F(phi) = 0);
-- the support loss at phi;
+  meta-gradient assumes grad F(phi) = 0): the meta-step's own MetaGradient.inner_residual;
+- the support loss at phi (its inner_loss);
 - the Hessian eigenvalue of largest magnitude of L_support at phi (power iteration on the
   batched Hessian-vector product), against the bound 2 / inner_lr - lam past which the
   fixed-step gradient descent is unstable;
@@ -31,7 +31,6 @@ from imaml_fast.cg import CG_NEGATIVE_CURVATURE
 from imaml_fast.config import INNER_SOLVERS
 from imaml_fast.functional import FunctionalModel
 from imaml_fast.hvp import BatchedHVP
-from imaml_fast.inner import solve_inner
 from imaml_fast.presets import PRESETS
 from imaml_fast.train import RunSettings, build_model, build_sampler, loss_fn_for, task_metric
 from imaml_fast.trainer import IMAML
@@ -54,16 +53,10 @@ def top_eigenvalue(fm, phi, x, y, iters: int, seed: int = 0) -> torch.Tensor:
     return lam
 
 
-def probe(fm, cfg, xs, ys, power_iters: int) -> dict:
-    theta = fm.theta.detach()
-    T = xs.shape[0]
-    phi = solve_inner(fm, theta, xs, ys, cfg).phi
-    with torch.no_grad():
-        g0, _ = fm.grad_and_losses(theta.expand(T, -1).contiguous(), xs, ys)
-        g, loss = fm.grad_and_losses(phi, xs, ys)
-        res = (g + cfg.lam * (phi - theta)).norm(dim=1) / g0.norm(dim=1)
-    top = top_eigenvalue(fm, phi, xs, ys, power_iters)
-    return {"rel_residual": res.tolist(), "support_loss": loss.tolist(),
+def probe(fm, r, xs, ys, power_iters: int) -> dict:
+    """The inner-loop figures of meta-step result `r` (a MetaGradient) on its tasks xs, ys."""
+    top = top_eigenvalue(fm, r.adapted_flat, xs, ys, power_iters)
+    return {"rel_residual": r.inner_residual.tolist(), "support_loss": r.inner_loss.tolist(),
             "top_eigenvalue": top.tolist()}
 
 
@@ -88,9 +81,9 @@ def run(args, solver: str, settings: dict) -> list:
     for step in range(1, s.steps + 1):
         xs, ys, xq, yq = sampler.sample()
         row = {"solver": solver, "step": step}
-        if (step - 1) % args.every == 0:
-            row.update(probe(FunctionalModel(model, loss_fn), cfg, xs, ys, args.power_iters))
         r = learner.meta_step(xs, ys, xq, yq).result
+        if (step - 1) % args.every == 0:
+            row.update(probe(FunctionalModel(model, loss_fn), r, xs, ys, args.power_iters))
         row.update(query_loss=float(r.query_loss.mean()),
                    accuracy=float(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs).mean()),
                    negative_curvature=float((r.cg_status == CG_NEGATIVE_CURVATURE).double().mean()))

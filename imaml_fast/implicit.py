@@ -39,6 +39,10 @@ class MetaGradient:
     cg_residual: torch.Tensor             # [T] ||b - A g_i|| at the end of CG
     cg_status: torch.Tensor               # [T] int8, see imaml_fast.cg (CG_CONVERGED, ...)
     inner_loss: torch.Tensor              # [T] support loss at phi_i (without the proximal term)
+    # [T] ||grad F_i(phi_i)|| / ||grad F_i(theta)||, F_i = L_i + lam/2 ||phi - theta||^2: how
+    # far the inner loop got towards its minimiser (0 solved, 1 no progress, > 1 it moved
+    # away). The implicit gradient assumes a solved inner problem; see inner_residual()
+    inner_residual: torch.Tensor
     query_loss: torch.Tensor              # [T] query loss at phi_i
     grads_flat: torch.Tensor              # [P]
     task_grads_flat: torch.Tensor         # [T, P]
@@ -50,6 +54,30 @@ class MetaGradient:
     # [T, M, ...] model outputs on the query set at phi_i, from the query gradient's forward
     # pass (what IMAML.predict(adapted, x_query) returns); None from the reference backend
     query_outputs: Optional[torch.Tensor] = None
+
+
+def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
+                   dot=batched_dot) -> torch.Tensor:
+    """||grad F_i(phi_i)|| / ||grad F_i(theta)|| per task, from grad F at phi [T, P] and the
+    norm of the first inner gradient [T] (None when the inner loop took no step: phi = theta,
+    and the ratio is 1). 0/0 (a task whose support loss is flat at theta) is 0.
+
+    iMAML-GD on the Omniglot network shows why it is kept: on 20-way 1-shot with the fixed
+    step, it climbed from 0.4 to above 1 within 40 meta-steps, and training stalled
+    (results/cpu-epyc-2core/inner_convergence/); with inner_solver="gd_armijo" it stayed
+    at 0.08-0.24."""
+    num = dot(grad_F, grad_F).sqrt()
+    if grad0_norm is None:
+        return torch.where(num > 0, torch.ones_like(num), torch.zeros_like(num))
+    den = grad0_norm.to(num.dtype)
+    return torch.where(num > 0, num / den, torch.zeros_like(num))
+
+
+def _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F):
+    """The support gradient at phi (unless grad F there is known) and the support losses."""
+    if grad_F is not None:
+        return None, fm.losses(phi, xs, ys, strategy)
+    return fm.grad_and_losses(phi, xs, ys, strategy)
 
 
 def implicit_operator(config: IMAMLConfig) -> Tuple[float, float]:
@@ -131,22 +159,27 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
                                                            return_outputs=True)
         T = phi.shape[0]
         hvp_calls = 0
+        # grad F(phi) for the inner residual: the inner solver's, else the support gradient
+        # the HVP's graph computes anyway (revrev), else one support gradient more
+        grad_F = inner.final_grad
+        support_grad, extra_grad = None, int(grad_F is None)
         if config.cg_steps == 0:
             # First-order approximation: (I + H/lam)^-1 replaced by I.
             task_flat = gq
-            inner_loss = fm.losses(phi, xs, ys, strategy)
+            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F)
             cg_iters = torch.zeros(T, dtype=torch.long, device=phi.device)
             cg_residual = batched_dot(gq, gq).sqrt()
             cg_status = torch.full((T,), CG_MAX_ITER, dtype=torch.int8, device=phi.device)
         elif _use_dense(config, fm, phi, ops):
             H = support_hessians(fm, phi, xs, ys, strategy)
-            inner_loss = fm.losses(phi, xs, ys, strategy)
+            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F)
             task_flat, cg_iters, cg_residual, cg_status = ops["dense_cg"](
                 H, gq, shift, scale, config.cg_steps, config.cg_tol)
             hvp_mode = "dense"
         else:
-            hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy)
-            inner_loss = hvp.losses
+            hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy, need_grad=grad_F is None)
+            inner_loss, support_grad = hvp.losses, hvp.grad
+            extra_grad = int(grad_F is None and hvp.mode != "revrev")
             # (shift I + scale H) v in place on the product's fresh buffer: one pass over
             # [T, P] instead of three allocations
             sol = cg_solve(lambda v: hvp(v).mul_(scale).add_(v, alpha=shift), gq,
@@ -154,12 +187,15 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
             hvp_calls = hvp.calls
             hvp.release()
             task_flat, cg_iters, cg_residual, cg_status = sol.x, sol.iters, sol.residual, sol.status
+        if grad_F is None:
+            grad_F = support_grad.to(phi.dtype) + config.lam * (phi - theta)
+        residual = inner_residual(grad_F, inner.grad0_norm, ops.get("batched_dot", batched_dot))
         grads_flat = task_flat.mean(0)
     return MetaGradient(
         grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
         adapted=fm.unflatten(phi), cg_iters=cg_iters, cg_residual=cg_residual,
-        cg_status=cg_status, inner_loss=inner_loss, query_loss=query_loss,
-        grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
+        cg_status=cg_status, inner_loss=inner_loss, inner_residual=residual,
+        query_loss=query_loss, grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend=backend.name, hvp=hvp_mode, task_batching=strategy,
-        evals={"grad": inner.grad_evals + 1, "hvp": inner.hvp_evals + hvp_calls,
+        evals={"grad": inner.grad_evals + 1 + extra_grad, "hvp": inner.hvp_evals + hvp_calls,
                "loss": inner.loss_evals}, query_outputs=query_outputs)

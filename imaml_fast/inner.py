@@ -18,6 +18,7 @@ next one starts, so memory does not grow with K.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -46,6 +47,11 @@ class InnerResult:
     grad_evals: int = 0        # batched support-gradient evaluations
     hvp_evals: int = 0         # batched Hessian-vector products
     loss_evals: int = 0        # batched support-loss evaluations (line search)
+    # ||grad F_i(theta)|| = ||grad L_i(theta)|| [T] (the first gradient a solver takes; None
+    # when it took none, K = 0) and grad F_i(phi_i) [T, P] where the solver ends knowing it
+    # (gd_armijo): the inner residual ||grad F_i(phi_i)|| / ||grad F_i(theta)|| needs both
+    grad0_norm: Optional[torch.Tensor] = None
+    final_grad: Optional[torch.Tensor] = None
 
 
 def regularised_loss(losses: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, lam: float):
@@ -57,10 +63,13 @@ def inner_gd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: 
              lam: float, strategy="vmap", prox_update=prox_update_ref) -> InnerResult:
     T = x.shape[0]
     phi = theta.expand(T, -1).clone()
-    for _ in range(steps):
+    grad0_norm = None
+    for k in range(steps):
         g, _ = fm.grad_and_losses(phi, x, y, strategy)
+        if k == 0:
+            grad0_norm = batched_dot(g, g).sqrt()
         phi = prox_update(phi, g, theta, lr, lam)
-    return InnerResult(phi=phi, grad_evals=steps)
+    return InnerResult(phi=phi, grad_evals=steps, grad0_norm=grad0_norm)
 
 
 def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: float,
@@ -88,6 +97,7 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     G, losses = fm.grad_and_losses(phi, x, y, strategy)
     F = losses.to(phi.dtype)
     GG = dot(G, G)
+    grad0_norm = GG.sqrt()
     t = torch.full((T,), float(lr), dtype=phi.dtype, device=phi.device)
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
     for _ in range(steps):
@@ -106,7 +116,7 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
         GG = torch.where(ok, GGc, GG)
         F = torch.where(ok, Fc, F)
         t = torch.where(ok, (t * GD_ARMIJO_GROW).clamp(max=float(lr)), 0.5 * t)
-    return InnerResult(phi=phi, grad_evals=steps + 1)
+    return InnerResult(phi=phi, grad_evals=steps + 1, grad0_norm=grad0_norm, final_grad=G)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -127,6 +137,8 @@ def inner_hf(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lam:
         hvp = BatchedHVP(fm, phi, x, y, hvp_mode, strategy, need_grad=True)
         res.grad_evals += 1
         G = hvp.grad + lam * (phi - theta)
+        if res.grad0_norm is None:
+            res.grad0_norm = batched_dot(G, G).sqrt()
         F0 = regularised_loss(hvp.losses, phi, theta, lam)
         sol = cg_solve(lambda v: hvp(v).add_(v, alpha=lam), G, max_iter=cg_steps, tol=cg_tol,
                        update=cg_update)

@@ -34,6 +34,7 @@ class MetaStepStats:
         status = r.cg_status.cpu().tolist()
         return {
             "inner_loss": r.inner_loss.mean().item(),
+            "inner_residual": r.inner_residual.mean().item(),
             "query_loss": r.query_loss.mean().item(),
             "cg_iters": r.cg_iters.float().mean().item(),
             "cg_residual": r.cg_residual.max().item(),

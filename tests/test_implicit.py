@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _helpers import DT, class_episode, conv_bn, exact_implicit, flat_params, mlp, rel_err
+from _helpers import (DT, class_episode, conv_bn, exact_implicit, flat_params, grad, mlp, rel_err,
+                      task_loss_fn)
 from imaml_fast import (CG_CONVERGED, CG_NEGATIVE_CURVATURE, IMAMLConfig, meta_gradient)
 
 CASES = {"mlp": (mlp, (3,), 2), "conv_bn": (conv_bn, (1, 6, 6), 3)}
@@ -71,9 +72,63 @@ def test_batched_equals_reference(T, solver, hvp, batching):
     b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="reference"))
     assert (a.backend, b.backend) == ("torch", "reference")
     for field in ("grads_flat", "task_grads_flat", "adapted_flat", "inner_loss", "query_loss",
-                  "cg_residual"):
+                  "cg_residual", "inner_residual"):
         assert rel_err(getattr(a, field), getattr(b, field)) <= 1e-10, field
     assert torch.equal(a.cg_iters, b.cg_iters) and torch.equal(a.cg_status, b.cg_status)
+
+
+def _independent_inner_residual(model, loss_fn, theta, phi, xs, ys, lam):
+    """||grad L_i(phi_i) + lam (phi_i - theta)|| / ||grad L_i(theta)|| by per-task autograd."""
+    out = []
+    for i in range(phi.shape[0]):
+        f = task_loss_fn(model, loss_fn, xs[i], ys[i])
+        out.append((grad(f, phi[i]) + lam * (phi[i] - theta)).norm() / grad(f, theta).norm())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("path", ["revrev", "fwdrev", "dense", "first_order", "reference"])
+def test_inner_residual_is_the_gradient_ratio(solver, path):
+    """MetaGradient.inner_residual on every path that produces it (where the solver ends
+    knowing grad F, where the HVP's graph gives the support gradient, and where it is one
+    more evaluation) against per-task autograd at theta and at the returned phi_i."""
+    model = conv_bn(n_way=3, channels=3)
+    xs, ys, xq, yq = class_episode(4, 3, 5, (1, 6, 6), 3)
+    lam = 1.5
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 4, lam=lam,
+                      cg_steps=0 if path == "first_order" else 3, inner_lr=0.3,
+                      hvp="fwdrev" if path == "fwdrev" else "revrev",
+                      cg_dense="always" if path == "dense" else "never",
+                      backend="reference" if path == "reference" else "torch")
+    r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+    expected = _independent_inner_residual(model, F.cross_entropy, flat_params(model),
+                                           r.adapted_flat, xs, ys, lam)
+    assert r.inner_residual.shape == (4,) and r.inner_residual.dtype == DT
+    assert rel_err(r.inner_residual, expected) <= 1e-10
+    assert (expected > 0).all() and (expected < 1).all()  # the inner loop made progress
+
+
+def test_inner_residual_tells_a_solved_inner_loop_from_a_diverged_one():
+    """On least squares (task i's Hessian 2/N X_i'X_i, L_i its largest eigenvalue + lam): at
+    lr = 3 / min_i L_i the line search solves every task (residual below 1e-9), the fixed step
+    diverges on every task (residual above 1), and no inner step at all is a residual of
+    exactly 1."""
+    T, N, d, lam = 3, 8, 4, 0.5
+    torch.manual_seed(3)
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    xs, xq = torch.randn(T, N, d, dtype=DT), torch.randn(T, N, d, dtype=DT)
+    ys, yq = torch.randn(T, N, 1, dtype=DT), torch.randn(T, N, 1, dtype=DT)
+    L = min(torch.linalg.eigvalsh(2.0 / N * xs[i].T @ xs[i]).max().item() for i in range(T)) + lam
+    cfg = IMAMLConfig(inner_steps=300, inner_lr=3.0 / L, lam=lam, cg_steps=d, backend="torch")
+    solved = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg.replace(inner_solver="gd_armijo"))
+    diverged = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg.replace(inner_steps=20))
+    none = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg.replace(inner_steps=0))
+    assert solved.inner_residual.max() < 1e-9
+    assert diverged.inner_residual.min() > 1
+    assert torch.equal(none.inner_residual, torch.ones(T, dtype=DT))
+    ref = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg.replace(inner_steps=0,
+                                                                      backend="reference"))
+    assert torch.equal(ref.inner_residual, torch.ones(T, dtype=DT))
 
 
 def test_model_parameters_are_not_changed():

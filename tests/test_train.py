@@ -173,17 +173,21 @@ def test_metrics_log_the_share_of_tasks_stopped_by_negative_curvature(tmp_path, 
 
     def recording(self, *a):
         stats = real(self, *a)
-        seen.append((stats.result.cg_status.clone(), stats.result.cg_iters.clone()))
+        seen.append((stats.result.cg_status.clone(), stats.result.cg_iters.clone(),
+                     stats.result.inner_residual.clone()))
         return stats
 
     monkeypatch.setattr(IMAML, "meta_step", recording)
     train(sin_settings(tmp_path / "run", steps=8, tasks=10, inner_steps=10, cg_damping=0.0))
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == len(seen) == 8
-    shares = [(st == CG_NEGATIVE_CURVATURE).double().mean().item() for st, _ in seen]
+    shares = [(st == CG_NEGATIVE_CURVATURE).double().mean().item() for st, _, _ in seen]
     assert [l["cg_negative_curvature"] for l in lines] == pytest.approx(shares, abs=1e-12)
     assert [l["cg_iters"] for l in lines] == pytest.approx(
-        [it.double().mean().item() for _, it in seen], abs=1e-12)
+        [it.double().mean().item() for _, it, _ in seen], abs=1e-12)
+    assert [l["inner_residual"] for l in lines] == pytest.approx(
+        [r.double().mean().item() for _, _, r in seen], rel=1e-6)
+    assert all(0 < l["inner_residual"] < 1 for l in lines)
     assert 0 < sum(shares) < len(shares)  # some tasks stopped early, not all
 
 
@@ -222,6 +226,44 @@ def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tm
     # warning comes once, not at every later step
     assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--inner-lr" in msgs[0]
     assert "--inner-solver gd_armijo" in msgs[0]
+
+
+def test_a_run_whose_inner_loops_end_far_from_solved_is_warned_once(tmp_path, monkeypatch):
+    """The inner-residual warning: quiet for the sinusoid preset's own inner loop; once, naming
+    the fix, when the window's mean residual exceeds INNER_RESIDUAL_WARN (here from step 4
+    on every task's residual is 2: the inner loop ended with twice its first gradient)."""
+    import warnings as w
+
+    from imaml_fast.train import CURVATURE_WINDOW, INNER_RESIDUAL_WARN
+
+    steps = CURVATURE_WINDOW + 5
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        train(sin_settings(tmp_path / "quiet", steps=steps, checkpoint_every=steps,
+                           inner_steps=10))
+    assert not [c for c in caught if "inner_residual" in str(c.message)]
+    lines = [json.loads(l) for l in (tmp_path / "quiet" / "metrics.jsonl").read_text().splitlines()]
+    assert max(l["inner_residual"] for l in lines) < INNER_RESIDUAL_WARN
+
+    real, calls = IMAML.meta_step, {"n": 0}
+
+    def stalls_after_warmup(self, *a):
+        stats = real(self, *a)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            stats.result.inner_residual.fill_(2.0)
+        return stats
+
+    monkeypatch.setattr(IMAML, "meta_step", stalls_after_warmup)
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        train(sin_settings(tmp_path / "stalls", steps=steps, checkpoint_every=steps,
+                           inner_steps=10))
+    msgs = [str(c.message) for c in caught if "inner_residual" in str(c.message)]
+    assert len(msgs) == 1 and "--inner-solver gd_armijo" in msgs[0] and "--inner-lr" in msgs[0]
+    lines = [json.loads(l) for l in (tmp_path / "stalls" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["inner_residual"] for l in lines[3:]] == [2.0] * (steps - 3)
+    assert not [c for c in caught if "negative curvature" in str(c.message)]
 
 
 def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):

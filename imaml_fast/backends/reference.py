@@ -81,12 +81,16 @@ def cg_ref(matvec, b, max_iter, tol):
     return x, iters, rs.sqrt(), status
 
 
+# Each inner solver returns phi and ||grad L(theta)||, its first gradient's norm (None for
+# K = 0), for the inner residual.
+
 def _inner_gd(fm, loss_of, theta, config):
-    phi = theta.clone()
+    phi, g0 = theta.clone(), None
     for _ in range(config.inner_steps):
         g, _ = _grad(fm, loss_of, phi)
+        g0 = g.norm() if g0 is None else g0
         phi = phi - config.inner_lr * (g + config.lam * (phi - theta))
-    return phi
+    return phi, g0
 
 
 def _inner_gd_armijo(fm, loss_of, theta, config):
@@ -98,8 +102,11 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
 
     phi, t = theta.clone(), lr
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
+    if config.inner_steps == 0:
+        return phi, None
     G, F = _grad(fm, loss_of, phi)  # at phi = theta the proximal term and its gradient are 0
     GG = torch.dot(G, G)
+    g0 = GG.sqrt()
     for _ in range(config.inner_steps):
         cand = phi - t * G
         gc, lc = _grad(fm, loss_of, cand)
@@ -112,12 +119,12 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
             t = min(t * GD_ARMIJO_GROW, lr)
         else:
             t = 0.5 * t
-    return phi
+    return phi, g0
 
 
 def _inner_hf(fm, loss_of, theta, config):
     lam = config.lam
-    phi = theta.clone()
+    phi, g0 = theta.clone(), None
 
     def objective(w):
         d = w - theta
@@ -126,6 +133,7 @@ def _inner_hf(fm, loss_of, theta, config):
     for _ in range(config.inner_steps):
         g, loss = _grad(fm, loss_of, phi)
         G = g + lam * (phi - theta)
+        g0 = G.norm() if g0 is None else g0
         F0 = loss + 0.5 * lam * torch.dot(phi - theta, phi - theta)
         d, _, _, _ = cg_ref(lambda v: hvp_ref(fm, loss_of, phi, v) + lam * v, G,
                             config.hf_cg_steps, config.cg_tol)
@@ -141,7 +149,7 @@ def _inner_hf(fm, loss_of, theta, config):
                 phi = cand
                 break
             t *= 0.5
-    return phi
+    return phi, g0
 
 
 def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
@@ -156,6 +164,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
 
     T = xs.shape[0]
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
+    inner_res = []
     shift, scale = operator
     for i in range(T):
         def support(params, i=i):
@@ -165,10 +174,11 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
             return fm.loss_params(params, xq[i], yq[i])
 
         solve = {"gd": _inner_gd, "gd_armijo": _inner_gd_armijo, "hf": _inner_hf}[config.inner_solver]
-        phi = solve(fm, support, theta, config)
+        phi, g0 = solve(fm, support, theta, config)
         gq, ql = _grad(fm, query, phi)
-        with torch.no_grad():
-            il = support(fm.split(phi))
+        gs_phi, il = _grad(fm, support, phi)
+        rnorm = (gs_phi + config.lam * (phi - theta)).norm()
+        inner_res.append(rnorm / g0 if g0 is not None and rnorm > 0 else (rnorm > 0).to(rnorm.dtype))
         if config.cg_steps == 0:
             x, it, res, st = gq, 0, gq.norm(), CG_MAX_ITER
         else:
@@ -189,6 +199,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
         adapted=fm.unflatten(phi), cg_iters=torch.tensor(iters, device=dev),
         cg_residual=torch.stack(resid), cg_status=torch.tensor(status, dtype=torch.int8, device=dev),
-        inner_loss=torch.stack(inner_loss), query_loss=torch.stack(query_loss),
+        inner_loss=torch.stack(inner_loss), inner_residual=torch.stack(inner_res).detach(),
+        query_loss=torch.stack(query_loss),
         grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend="reference", hvp="revrev", task_batching="loop", evals={})
