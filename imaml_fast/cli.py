@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cg-steps", type=_positive_int)
     g.add_argument("--cg-tol", type=float)
     g.add_argument("--cg-damping", type=float)
+    g.add_argument("--cg-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale each task's CG solution down to ||grad L_query|| lam / cg_damping, "
+                        "the longest it can be at a minimiser of the inner problem")
     g.add_argument("--hvp", choices=HVP_MODES)
     g.add_argument("--backend", help="auto, reference, torch, triton, cpp, cuda")
     g.add_argument("--task-batching", type=_task_batching, help="auto, vmap, loop or a chunk size")
@@ -116,7 +119,7 @@ def _train(args) -> int:
 
     fields = {k: getattr(args, k) for k in (
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
-        "lam", "cg_steps", "cg_tol", "cg_damping", "hvp", "backend", "task_batching",
+        "lam", "cg_steps", "cg_tol", "cg_damping", "cg_clip", "hvp", "backend", "task_batching",
         "layer_derivatives", "outer_lr")}
     fields.update(seed=args.seed, device=args.device, data_root=args.data_root,
                   checkpoint_every=args.checkpoint_every, nproc=args.nproc,

@@ -59,6 +59,13 @@ class IMAMLConfig:
         0 means the first-order approximation g = grad L_query (the Hessian term dropped).
     cg_tol: per-task relative tolerance, ||r|| <= cg_tol * ||b||.
     cg_damping: added to the Hessian in the implicit solve, (I + (H + cg_damping I)/lam).
+    cg_clip: scale each task's CG solution g_i down to ||b_i|| lam / cg_damping where it is
+        longer (b_i = grad L_query_i). That is the longest g_i can be when phi_i minimises the
+        proximal problem (then H_i + lam I is positive semi-definite, so the operator is at
+        least cg_damping / lam times the identity); a longer one means phi_i is not a
+        minimiser, typically a task whose CG iterate grew along a direction of negative
+        curvature, and such tasks' g_i can dominate the meta-batch's mean. Needs
+        cg_damping > 0. MetaGradient.cg_clipped says which tasks were clipped.
     hvp: "fwdrev" (forward-over-reverse, jvp of grad, recomputed per product), "revrev"
         (double backward through a support-gradient graph built once per solve and reused by
         every CG iteration) or "auto" (revrev: measured faster on CPU, see README).
@@ -89,6 +96,7 @@ class IMAMLConfig:
     cg_steps: int = 5
     cg_tol: float = 1e-10
     cg_damping: float = 0.0
+    cg_clip: bool = False
     hvp: str = "auto"
     backend: str = "auto"
     hf_cg_steps: int = 5
@@ -129,6 +137,11 @@ class IMAMLConfig:
             _fail("layer_derivatives", self.layer_derivatives, f"allowed values are {LAYER_DERIVATIVES}")
         if not isinstance(self.check_finite, bool):
             _fail("check_finite", self.check_finite, "expected True or False")
+        if not isinstance(self.cg_clip, bool):
+            _fail("cg_clip", self.cg_clip, "expected True or False")
+        if self.cg_clip and not self.cg_damping > 0:
+            _fail("cg_clip", self.cg_clip, "it bounds ||g_i|| by ||b_i|| lam / cg_damping, so it "
+                  "needs cg_damping > 0 (e.g. cg_damping=10)")
 
     def replace(self, **changes) -> "IMAMLConfig":
         """A copy with some fields changed (validated again)."""

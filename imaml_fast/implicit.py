@@ -38,6 +38,7 @@ class MetaGradient:
     cg_iters: torch.Tensor                # [T] Hessian-vector products used by each task's CG
     cg_residual: torch.Tensor             # [T] ||b - A g_i|| at the end of CG
     cg_status: torch.Tensor               # [T] int8, see imaml_fast.cg (CG_CONVERGED, ...)
+    cg_clipped: torch.Tensor              # [T] bool: g_i scaled down by config.cg_clip
     inner_loss: torch.Tensor              # [T] support loss at phi_i (without the proximal term)
     # [T] ||grad F_i(phi_i)|| / ||grad F_i(theta)||, F_i = L_i + lam/2 ||phi - theta||^2: how
     # far the inner loop got towards its minimiser (0 solved, 1 no progress, > 1 it moved
@@ -71,6 +72,22 @@ def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
         return torch.where(num > 0, torch.ones_like(num), torch.zeros_like(num))
     den = grad0_norm.to(num.dtype)
     return torch.where(num > 0, num / den, torch.zeros_like(num))
+
+
+def clip_to_minimiser_bound(g: torch.Tensor, b: torch.Tensor, margin: float, dot=batched_dot):
+    """(g_i scaled down to ||b_i|| / margin where longer, [T] bool of the tasks clipped).
+    margin: the smallest eigenvalue the operator A = shift I + scale H has when H + lam I is
+    positive semi-definite (phi a minimiser of the proximal problem), shift - scale lam; then
+    ||A^-1 b|| <= ||b|| / margin, and CG's iterates, which grow in norm towards A^-1 b, stay
+    within it. A non-finite g_i is left as it is (the finite check reports it)."""
+    if not margin > 0:
+        raise ValueError(f"cg_clip needs an operator shift I + scale H with shift - scale * lam "
+                         f"> 0 (here {margin:g}): use cg_damping > 0")
+    bound = dot(b, b).sqrt() / margin
+    norm = dot(g, g).sqrt()
+    clipped = norm > bound
+    factor = torch.where(clipped, bound / norm, torch.ones_like(norm))
+    return g * factor.to(g.dtype).unsqueeze(-1), clipped
 
 
 def _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F):
@@ -187,14 +204,21 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
             hvp_calls = hvp.calls
             hvp.release()
             task_flat, cg_iters, cg_residual, cg_status = sol.x, sol.iters, sol.residual, sol.status
+        dot = ops.get("batched_dot", batched_dot)
+        if config.cg_clip and config.cg_steps > 0:
+            task_flat, cg_clipped = clip_to_minimiser_bound(task_flat, gq,
+                                                            shift - scale * config.lam, dot)
+        else:
+            cg_clipped = torch.zeros(T, dtype=torch.bool, device=phi.device)
         if grad_F is None:
             grad_F = support_grad.to(phi.dtype) + config.lam * (phi - theta)
-        residual = inner_residual(grad_F, inner.grad0_norm, ops.get("batched_dot", batched_dot))
+        residual = inner_residual(grad_F, inner.grad0_norm, dot)
         grads_flat = task_flat.mean(0)
     return MetaGradient(
         grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
         adapted=fm.unflatten(phi), cg_iters=cg_iters, cg_residual=cg_residual,
-        cg_status=cg_status, inner_loss=inner_loss, inner_residual=residual,
+        cg_status=cg_status, cg_clipped=cg_clipped, inner_loss=inner_loss,
+        inner_residual=residual,
         query_loss=query_loss, grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend=backend.name, hvp=hvp_mode, task_batching=strategy,
         evals={"grad": inner.grad_evals + 1 + extra_grad, "hvp": inner.hvp_evals + hvp_calls,

@@ -39,6 +39,7 @@ class MetaStepStats:
             "cg_iters": r.cg_iters.float().mean().item(),
             "cg_residual": r.cg_residual.max().item(),
             "cg_status": {name: status.count(code) for code, name in CG_STATUS_NAMES.items()},
+            "cg_clipped": int(r.cg_clipped.sum().item()),
             "grad_norm": r.grads_flat.norm().item(),
             "backend": r.backend, "hvp": r.hvp, "task_batching": r.task_batching,
         }

@@ -125,6 +125,13 @@ def test_time_limit_is_passed_in_seconds(trained_settings, capsys):
     assert trained_settings["max_seconds"] is None
 
 
+def test_cg_clip_flag_reaches_the_settings(trained_settings, capsys):
+    run(["train", "--cg-clip", "--out", "x"], capsys)
+    assert trained_settings["s"].cg_clip is True and trained_settings["s"].imaml_config().cg_clip
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].cg_clip is False
+
+
 def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     run(["train", "--cuda-graphs", "--out", "x"], capsys)
     assert trained_settings["s"].cuda_graphs is True

@@ -12,7 +12,7 @@ BAD = [
     ("hvp", "fwd"), ("backend", "cuda-ish"),
     ("hf_cg_steps", 0), ("hf_ls_steps", 0),
     ("task_batching", 0), ("task_batching", "chunks"), ("task_batching", False),
-    ("check_finite", 1),
+    ("check_finite", 1), ("cg_clip", 1), ("cg_clip", True),  # cg_clip needs cg_damping > 0
 ]
 
 
@@ -39,3 +39,9 @@ def test_replace_validates_again():
 def test_to_dict_round_trip():
     c = IMAMLConfig(inner_solver="hf", lam=3.0)
     assert IMAMLConfig(**c.to_dict()) == c
+
+
+def test_cg_clip_says_it_needs_damping():
+    with pytest.raises(ValueError, match="needs cg_damping > 0"):
+        IMAMLConfig(cg_clip=True)
+    assert IMAMLConfig(cg_clip=True, cg_damping=10.0).cg_clip

@@ -131,6 +131,63 @@ def test_inner_residual_tells_a_solved_inner_loop_from_a_diverged_one():
     assert torch.equal(ref.inner_residual, torch.ones(T, dtype=DT))
 
 
+def _tanh_regression(T=8, seed=0):
+    """Sine regression on a tanh MLP after 3 inner steps: indefinite support Hessians, so some
+    tasks' CG iterates outgrow the bound a minimiser would keep them in (lam 1, damping 2)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
+                          nn.Linear(20, 1)).to(DT)
+    xs, xq = 3 * torch.randn(T, 10, 1, dtype=DT), 3 * torch.randn(T, 10, 1, dtype=DT)
+    cfg = IMAMLConfig(inner_steps=3, inner_lr=0.02, lam=1.0, cg_steps=20, cg_damping=2.0)
+    return model, (xs, 4 * torch.sin(xs), xq, 4 * torch.sin(xq)), cfg
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cg_clip_scales_long_solutions_to_the_minimiser_bound(backend):
+    """cg_clip: g_i * min(1, ||b_i|| lam / damping / ||g_i||), b_i the query gradient at phi_i
+    (per-task autograd), g_i the unclipped solution; cg_clipped marks exactly those scaled."""
+    model, ep, cfg = _tanh_regression()
+    cfg = cfg.replace(backend=backend)
+    plain = meta_gradient(model, F.mse_loss, *ep, cfg)
+    clip = meta_gradient(model, F.mse_loss, *ep, cfg.replace(cg_clip=True))
+    assert not plain.cg_clipped.any()
+    assert torch.equal(plain.adapted_flat, clip.adapted_flat)
+    b = torch.stack([grad(task_loss_fn(model, F.mse_loss, ep[2][i], ep[3][i]), clip.adapted_flat[i])
+                     for i in range(8)])
+    bound = b.norm(dim=1) * cfg.lam / cfg.cg_damping
+    norm = plain.task_grads_flat.norm(dim=1)
+    assert torch.equal(clip.cg_clipped, norm > bound)
+    assert 0 < int(clip.cg_clipped.sum()) < 8  # both kinds of task
+    expected = plain.task_grads_flat * torch.clamp(bound / norm, max=1.0).unsqueeze(1)
+    assert rel_err(clip.task_grads_flat, expected) <= 1e-12
+    assert torch.allclose(clip.task_grads_flat.norm(dim=1), torch.minimum(norm, bound), rtol=1e-12)
+
+
+def test_cg_clip_batched_equals_reference():
+    model, ep, cfg = _tanh_regression(T=5, seed=1)
+    cfg = cfg.replace(cg_clip=True, cg_steps=6)
+    a = meta_gradient(model, F.mse_loss, *ep, cfg.replace(backend="torch"))
+    b = meta_gradient(model, F.mse_loss, *ep, cfg.replace(backend="reference"))
+    assert torch.equal(a.cg_clipped, b.cg_clipped) and a.cg_clipped.any()
+    assert rel_err(a.task_grads_flat, b.task_grads_flat) <= 1e-10
+
+
+def test_cg_clip_never_binds_at_a_minimiser():
+    """Least squares solved exactly: H + lam I is positive definite, so the damped system's
+    solution is within the bound, and cg_clip returns the exact (I + (H + dI)/lam)^-1 b."""
+    T, N, M, d, lam, damping = 4, 7, 5, 3, 1.5, 0.7
+    torch.manual_seed(2)
+    model = nn.Linear(d, 1, bias=False).to(DT)
+    xs, xq = torch.randn(T, N, d, dtype=DT), torch.randn(T, M, d, dtype=DT)
+    ys, yq = torch.randn(T, N, 1, dtype=DT), torch.randn(T, M, 1, dtype=DT)
+    cfg = IMAMLConfig(inner_solver="hf", inner_steps=2, lam=lam, cg_steps=d, cg_tol=1e-14,
+                      hf_cg_steps=d, cg_damping=damping, cg_clip=True)
+    r = meta_gradient(model, F.mse_loss, xs, ys, xq, yq, cfg)
+    exact = exact_implicit(model, F.mse_loss, r.adapted_flat, xs, ys, xq, yq, lam, damping)
+    assert not r.cg_clipped.any()
+    assert rel_err(r.task_grads_flat, exact) <= 1e-10
+
+
 def test_model_parameters_are_not_changed():
     model = conv_bn()
     before = {k: v.clone() for k, v in model.state_dict().items()}

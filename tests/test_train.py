@@ -228,6 +228,25 @@ def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tm
     assert "--inner-solver gd_armijo" in msgs[0]
 
 
+def test_metrics_log_the_share_of_clipped_tasks(tmp_path, monkeypatch):
+    """--cg-clip reaches the engine, and each line's cg_clipped is its step's share of tasks
+    whose CG solution was scaled down (sinusoid, cg_damping 1: a few tasks per run)."""
+    real, seen = IMAML.meta_step, []
+
+    def recording(self, *a):
+        stats = real(self, *a)
+        assert self.config.cg_clip
+        seen.append(stats.result.cg_clipped.double().mean().item())
+        return stats
+
+    monkeypatch.setattr(IMAML, "meta_step", recording)
+    train(sin_settings(tmp_path / "run", steps=8, tasks=10, inner_steps=10, cg_damping=1.0,
+                       cg_clip=True))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["cg_clipped"] for l in lines] == pytest.approx(seen, abs=1e-12)
+    assert 0 < sum(seen) < len(seen)
+
+
 def test_a_run_whose_inner_loops_end_far_from_solved_is_warned_once(tmp_path, monkeypatch):
     """The inner-residual warning: quiet for the sinusoid preset's own inner loop; once, naming
     the fix, when the window's mean residual exceeds INNER_RESIDUAL_WARN (here from step 4

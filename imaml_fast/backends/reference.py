@@ -164,7 +164,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
 
     T = xs.shape[0]
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
-    inner_res = []
+    inner_res, clipped = [], []
     shift, scale = operator
     for i in range(T):
         def support(params, i=i):
@@ -184,6 +184,16 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         else:
             x, it, res, st = cg_ref(lambda v: shift * v + scale * hvp_ref(fm, support, phi, v), gq,
                                     config.cg_steps, config.cg_tol)
+        clip = False
+        if config.cg_clip and config.cg_steps > 0:
+            margin = shift - scale * config.lam
+            if not margin > 0:
+                raise ValueError(f"cg_clip needs an operator shift I + scale H with shift - scale "
+                                 f"* lam > 0 (here {margin:g}): use cg_damping > 0")
+            bound = gq.norm() / margin
+            clip = bool(x.norm() > bound)
+            x = x * (bound / x.norm()) if clip else x
+        clipped.append(clip)
         phis.append(phi)
         gs.append(x)
         iters.append(it)
@@ -199,6 +209,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
         adapted=fm.unflatten(phi), cg_iters=torch.tensor(iters, device=dev),
         cg_residual=torch.stack(resid), cg_status=torch.tensor(status, dtype=torch.int8, device=dev),
+        cg_clipped=torch.tensor(clipped, dtype=torch.bool, device=dev),
         inner_loss=torch.stack(inner_loss), inner_residual=torch.stack(inner_res).detach(),
         query_loss=torch.stack(query_loss),
         grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
