@@ -48,7 +48,8 @@ CURVATURE_WINDOW = 20
 # exceeds this: the inner loops end far from their minimisers, where the implicit gradient
 # does not hold (20-way 1-shot with the fixed step, median over tasks: 0.4 at the start, 0.53
 # at step 11 and above 1 from step 41 while training stalled; the line search kept it at
-# 0.08-0.24; the sinusoid preset with the line search: 0.1-0.3)
+# 0.08-0.24; the sinusoid preset with the line search: 0.1-0.3; 5-way 1-shot checkpoints that
+# trained well: 0.02-0.04, the inner-lr-0.1 one that stalled: 1.3)
 INNER_RESIDUAL_WARN = 0.5
 # A meta-batch whose meta-gradient is not finite is skipped (nothing changes); this many in a
 # row end the run with the error.
