@@ -94,6 +94,19 @@ class RunSettings:
         fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(preset=preset, **fields)
 
+    @staticmethod
+    def saved_fields(saved: dict, path) -> dict:
+        """A checkpoint's settings as RunSettings fields. A field the checkpoint lacks (from an
+        earlier version) takes its default; one this version does not know (from a later
+        version) is an error, since dropping it could change what the run computes."""
+        names = {f.name for f in dataclasses.fields(RunSettings)}
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            raise CheckpointError(f"{path} has settings this version of imaml_fast does not know "
+                                  f"({', '.join(unknown)}): it was written by a later version; "
+                                  f"upgrade imaml_fast to resume or evaluate it")
+        return dict(saved)
+
     @classmethod
     def resumed(cls, out, preset: Optional[str] = None, **overrides) -> "RunSettings":
         """The settings of the run in folder `out`, as its checkpoint saved them, with the
@@ -103,9 +116,7 @@ class RunSettings:
         ckpt_path = Path(out) / "checkpoint.pt"
         if not ckpt_path.exists():
             raise CheckpointError(_NO_CHECKPOINT.format(path=ckpt_path))
-        saved = load_checkpoint(ckpt_path)["settings"]
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in saved.items() if k in names}
+        fields = cls.saved_fields(load_checkpoint(ckpt_path)["settings"], ckpt_path)
         if preset is not None:
             fields["preset"] = preset
         fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -501,7 +512,7 @@ def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
         raise ValueError(f"tasks={tasks!r} is invalid: expected an int >= 2")
     path = Path(checkpoint_path)
     ckpt = load_checkpoint(path)
-    s = RunSettings(**ckpt["settings"])
+    s = RunSettings(**RunSettings.saved_fields(ckpt["settings"], path))
     if data_root:
         s.data_root = data_root
     if device:

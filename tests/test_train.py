@@ -301,6 +301,24 @@ def test_resume_of_a_checkpoint_from_before_layer_derivatives(tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
 
 
+def test_a_checkpoint_with_settings_from_a_later_version_is_refused_naming_them(tmp_path):
+    """Resuming or evaluating must not silently drop a setting it does not know (it could
+    change what the run computes): both refuse with one CheckpointError naming it."""
+    from imaml_fast.checkpoint import save_atomic
+
+    run = tmp_path / "run"
+    train(sin_settings(run, steps=2))
+    ck = load_checkpoint(run / "checkpoint.pt")
+    ck["settings"]["inner_momentum"] = 0.9
+    save_atomic(ck, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"does not know \(inner_momentum\).*upgrade"):
+        RunSettings.resumed(run, steps=4)
+    with pytest.raises(CheckpointError, match=r"does not know \(inner_momentum\)"):
+        evaluate(run / "checkpoint.pt", tasks=4)
+    assert (run / "checkpoint.pt").read_bytes() == before and not (run / "eval.json").exists()
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(cuda_graphs=True, backend="reference"), "cannot capture backend='reference'"),
     (dict(cuda_graphs=True, device="cpu"), "cuda_graphs=True needs a CUDA device, but device='cpu'"),
