@@ -22,15 +22,17 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
 @pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
-def test_captured_pipeline_makes_no_host_sync(solver, hvp):
+@pytest.mark.parametrize("clip", [False, True])
+def test_captured_pipeline_makes_no_host_sync(solver, hvp, clip):
     fm = FunctionalModel(omniglot_conv(5).to("meta"), F.cross_entropy)
     xs = torch.empty(3, 5, 1, 28, 28, device="meta")
     ys = torch.empty(3, 5, dtype=torch.long, device="meta")
     cfg = IMAMLConfig(inner_solver=solver, inner_steps=2, cg_steps=3, hf_cg_steps=2,
-                      backend="torch", task_batching="vmap", hvp=hvp)
+                      backend="torch", task_batching="vmap", hvp=hvp, cg_clip=clip,
+                      cg_damping=10.0 if clip else 0.0)
     r = meta_gradient_flat(fm, xs, ys, xs, ys, cfg, validate_values=False)
     assert r.grads_flat.shape == (fm.num_params,) and r.task_grads_flat.shape == (3, fm.num_params)
-    assert r.cg_status.shape == (3,)
+    assert r.cg_status.shape == r.cg_clipped.shape == r.inner_residual.shape == (3,)
     with pytest.raises(Exception):  # the device really refuses host reads
         bool(r.cg_status.sum() > 0)
 
@@ -146,6 +148,7 @@ def _cuda_episode(T):
 @pytest.mark.parametrize("solver,mode,extra,tol", [
     ("gd", True, {}, 1e-5), ("hf", True, {}, 1e-5), ("gd", "auto", {}, 1e-5),
     ("gd_armijo", True, {"inner_lr": 6.0}, 1e-5),  # line search cutting steps, replayed
+    ("gd", True, {"cg_clip": True, "cg_damping": 0.5}, 1e-5),
     # the matrix-free products (this small model takes the dense path under "auto")
     ("gd", "auto", {"cg_dense": "never"}, 1e-5),
     ("gd", "auto", {"cg_dense": "never", "hvp": "fwdrev"}, 1e-5),
@@ -166,7 +169,8 @@ def test_replay_equals_uncaptured_for_new_data(solver, mode, extra, tol):
         a, b = plain.meta_gradient(*ep), graphed.meta_gradient(*ep)
         torch.testing.assert_close(b.grads_flat, a.grads_flat, rtol=tol, atol=tol / 10)
         torch.testing.assert_close(b.adapted_flat, a.adapted_flat, rtol=tol, atol=tol / 10)
-        assert torch.equal(b.cg_status, a.cg_status)
+        torch.testing.assert_close(b.inner_residual, a.inner_residual, rtol=tol, atol=tol / 10)
+        assert torch.equal(b.cg_status, a.cg_status) and torch.equal(b.cg_clipped, a.cg_clipped)
     assert graphed._graphed.captures == 1 and graphed._graphed.replays == 3
     graphed.meta_gradient(*_cuda_episode(5))  # another T: a new graph
     assert graphed._graphed.captures == 2
