@@ -51,8 +51,9 @@ and say why here:
   and whether the implicit gradient pulls ahead later needs longer runs. cg_damping 10 with
   cg_clip (each task's solution cut to the length a minimiser allows) did not collapse and led
   cg_damping 50 until step 300 (71% against 69%), but then most tasks' CG met negative
-  curvature at inner residuals of 0.06-0.08 (stationary points that are not minima) and it
-  fell behind; so the presets keep 50 without the clip. Larger damping weighs
+  curvature and it fell behind: the sharper network it trained needed about 100 inner steps
+  where 25 left the inner loops partway down (benchmarks/inner_steps_probe.py); so the presets
+  keep 50 without the clip. Larger damping weighs
   the Hessian term less (the operator is proportional to I + H / (lam + damping)); the
   authors' code's operator is about I + H / 24. All on the CPU with 16 tasks per step and seed 0
   (benchmarks/results/cpu-epyc-2core/omniglot_gd_armijo/ and omniglot_20w1s/). The 20-way
