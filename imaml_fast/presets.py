@@ -17,7 +17,7 @@ and say why here:
   accuracy after adaptation 82% / 87% / 89% over steps 201-400 / 401-600 / 801-1,000 where
   "gd" had 73% / 81% / 87%; 87.24 +- 0.74% on 600 meta-test tasks after 1,000 steps and
   90.45 +- 0.65% after 2,000, where "gd" reached 81.21% after 600 steps and 88.87% after
-  2,000), and 20-way trains at all
+  2,000; 92.80 +- 0.55% after 4,000), and 20-way trains at all
   (below). Cost: 10% more per 5-way meta-step on the CPU (one more support gradient and a
   few passes over the parameters per inner step; benchmarks/bench_meta_step.py).
 - inner_lr 0.03: with 0.1 (what the project's speed benchmarks use) the fixed-step inner
