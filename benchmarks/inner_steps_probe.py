@@ -18,9 +18,8 @@ import statistics
 import torch
 
 from imaml_fast.cg import CG_NEGATIVE_CURVATURE
-from imaml_fast.checkpoint import load_checkpoint
 from imaml_fast.implicit import meta_gradient
-from imaml_fast.train import RunSettings, build_model, build_sampler, loss_fn_for
+from imaml_fast.train import build_sampler, load_run, loss_fn_for
 from peers.common import meta_line, run_meta, write_results
 
 SAMPLE_SEED = 321  # the meta-batch probed: drawn from its own stream, the same for every run
@@ -29,11 +28,7 @@ SAMPLE_SEED = 321  # the meta-batch probed: drawn from its own stream, the same 
 def probe(run_dir: str, data_root: str, steps, tasks: int, cg_damping=None,
           cg_clip: bool = False) -> tuple:
     """(rows, settings): one row per K."""
-    ckpt = load_checkpoint(f"{run_dir}/checkpoint.pt")
-    s = RunSettings(**RunSettings.saved_fields(ckpt["settings"], run_dir))
-    s.data_root = data_root
-    model = build_model(s)
-    model.load_state_dict(ckpt["model"])
+    ckpt, s, model = load_run(f"{run_dir}/checkpoint.pt", data_root)
     xs, ys, xq, yq = build_sampler(s, "train", tasks, seed=SAMPLE_SEED).sample()
     damping = s.cg_damping if cg_damping is None else cg_damping
     base = s.imaml_config().replace(task_batching="vmap", cg_damping=damping, cg_clip=cg_clip)

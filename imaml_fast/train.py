@@ -215,8 +215,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _check_resumable(saved: dict, now: RunSettings, path: Path) -> None:
-    # a field the checkpoint's version did not have yet ran with its default
-    saved = {**{f.name: f.default for f in dataclasses.fields(RunSettings)}, **saved}
+    # a field the checkpoint's version did not have yet ran with its default; one this
+    # version does not know is refused
+    saved = {**{f.name: f.default for f in dataclasses.fields(RunSettings)},
+             **RunSettings.saved_fields(saved, path)}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.to_dict().items()
              if k not in RESUMABLE_CHANGES and k != "task_batching" and saved.get(k) != v]
     if diffs:
@@ -374,6 +376,13 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped}
 
 
+def _fixes(*more: str) -> str:
+    """What the training warnings suggest, `more` inserted after the inner solver."""
+    return ", ".join(("--inner-solver gd_armijo (a line search that keeps the inner loop "
+                      "convergent)",) + more + ("a smaller --inner-lr with more --inner-steps",)
+                     ) + ", or --cg-steps 0 (first-order)"
+
+
 def _warn_once(warned: set, recent, bar) -> None:
     """Warn (once per kind and run) when, over the last CURVATURE_WINDOW meta-steps, the inner
     loops ended far from their minimisers, or most tasks' CG stopped on negative curvature;
@@ -387,18 +396,15 @@ def _warn_once(warned: set, recent, bar) -> None:
             f"in the last {len(recent)} meta-steps the inner loop ended with a gradient "
             f"{residual:.3g} times the size of its first on average (metrics.jsonl: "
             f"inner_residual): the inner problems are far from solved, and the implicit "
-            f"gradient, which assumes they are, misleads; try --inner-solver gd_armijo (a line "
-            f"search that keeps the inner loop convergent), a smaller --inner-lr with more "
-            f"--inner-steps, or --cg-steps 0 (first-order)")
+            f"gradient, which assumes they are, misleads; try " + _fixes())
     if "curvature" not in warned and share > 0.5:
         warned.add("curvature")
         messages.append(
             f"in the last {len(recent)} meta-steps {share:.1%} of the tasks' CG stopped on "
             f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner loops end "
             f"far from a minimum, and their meta-gradients, CG iterates that grew before the "
-            f"stop, can dominate the mean and stall training; try --inner-solver gd_armijo (a "
-            f"line search that keeps the inner loop convergent), a larger --cg-damping, a "
-            f"smaller --inner-lr with more --inner-steps, or --cg-steps 0 (first-order)")
+            f"stop, can dominate the mean and stall training; try "
+            + _fixes("a larger --cg-damping"))
     if not messages:
         return
     if bar is not None:
@@ -503,13 +509,9 @@ def _plot_curve(metrics_path: Path, png: Path, s: RunSettings) -> Optional[str]:
 
 
 # ---- evaluate ----------------------------------------------------------------------------
-def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
-             device: Optional[str] = None, out: Optional[str] = None, seed: int = EVAL_SEED) -> dict:
-    """Adapt to `tasks` meta-test tasks from the checkpoint's parameters and report the mean
-    query accuracy (or MSE for sinusoid) with a 95% confidence interval, 1.96 std / sqrt(n).
-    Writes the result as JSON to `out` (default: eval.json beside the checkpoint)."""
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 2:
-        raise ValueError(f"tasks={tasks!r} is invalid: expected an int >= 2")
+def load_run(checkpoint_path, data_root: Optional[str] = None, device: Optional[str] = None):
+    """(checkpoint, RunSettings, model with the saved parameters) of a run's checkpoint;
+    data_root and device, when given, replace the saved ones."""
     path = Path(checkpoint_path)
     ckpt = load_checkpoint(path)
     s = RunSettings(**RunSettings.saved_fields(ckpt["settings"], path))
@@ -524,6 +526,18 @@ def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the saved parameters do not fit the {s.preset} network: "
                               f"{str(e)[:200]}") from None
+    return ckpt, s, model
+
+
+def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
+             device: Optional[str] = None, out: Optional[str] = None, seed: int = EVAL_SEED) -> dict:
+    """Adapt to `tasks` meta-test tasks from the checkpoint's parameters and report the mean
+    query accuracy (or MSE for sinusoid) with a 95% confidence interval, 1.96 std / sqrt(n).
+    Writes the result as JSON to `out` (default: eval.json beside the checkpoint)."""
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 2:
+        raise ValueError(f"tasks={tasks!r} is invalid: expected an int >= 2")
+    path = Path(checkpoint_path)
+    ckpt, s, model = load_run(path, data_root, device)
     learner = IMAML(model, loss_fn_for(s), s.imaml_config())
     sampler = build_sampler(s, "test", min(s.tasks, tasks), seed=seed)
     values = []

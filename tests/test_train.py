@@ -315,6 +315,8 @@ def test_a_checkpoint_with_settings_from_a_later_version_is_refused_naming_them(
     with pytest.raises(CheckpointError, match=r"does not know \(inner_momentum\).*upgrade"):
         RunSettings.resumed(run, steps=4)
     with pytest.raises(CheckpointError, match=r"does not know \(inner_momentum\)"):
+        train(sin_settings(run, steps=4), resume=True)  # the Python API's resume too
+    with pytest.raises(CheckpointError, match=r"does not know \(inner_momentum\)"):
         evaluate(run / "checkpoint.pt", tasks=4)
     assert (run / "checkpoint.pt").read_bytes() == before and not (run / "eval.json").exists()
 
