@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "lowers the task's loss (the Omniglot presets); hf: Newton-CG")
     g.add_argument("--inner-steps", type=_positive_int)
     g.add_argument("--inner-lr", type=float)
+    g.add_argument("--inner-tol", type=float,
+                   help="gd_armijo: stop a task's inner loop once ||grad F(phi)|| <= this times "
+                        "||grad F(theta)||; --inner-steps is then the most it takes (default: 0, "
+                        "every task takes --inner-steps)")
     g.add_argument("--lam", type=float, help="proximal regularisation strength")
     g.add_argument("--cg-steps", type=_positive_int)
     g.add_argument("--cg-tol", type=float)
@@ -119,8 +123,8 @@ def _train(args) -> int:
 
     fields = {k: getattr(args, k) for k in (
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
-        "lam", "cg_steps", "cg_tol", "cg_damping", "cg_clip", "hvp", "backend", "task_batching",
-        "layer_derivatives", "outer_lr")}
+        "inner_tol", "lam", "cg_steps", "cg_tol", "cg_damping", "cg_clip", "hvp", "backend",
+        "task_batching", "layer_derivatives", "outer_lr")}
     fields.update(seed=args.seed, device=args.device, data_root=args.data_root,
                   checkpoint_every=args.checkpoint_every, nproc=args.nproc,
                   cuda_graphs=args.cuda_graphs, progress=not args.no_progress)

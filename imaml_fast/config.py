@@ -55,6 +55,14 @@ class IMAMLConfig:
         inner loop of the paper's Omniglot network stops converging as meta-training sharpens
         it (imaml_fast/presets.py has the measurements).
     lam: strength of the proximal term lam/2 ||phi - theta||^2 (the paper's lambda).
+    inner_tol: with inner_solver="gd_armijo", stop a task's inner loop as soon as its inner
+        residual ||grad F_i(phi_i)|| / ||grad F_i(theta)|| (MetaGradient.inner_residual) is
+        at most inner_tol; `inner_steps` is then the most steps a task takes, and
+        MetaGradient.inner_steps says how many each took. Finished tasks leave the batch, so
+        later steps cost less. The implicit gradient assumes a solved inner problem: as
+        meta-training sharpens the network, a fixed step count leaves more of it unsolved,
+        and a tolerance spends more steps where they are needed. One host sync per inner
+        step, so no CUDA graph capture. 0 (default): every task takes `inner_steps`.
     cg_steps: maximum CG iterations of the implicit solve (I + H/lam) g = grad L_query.
         0 means the first-order approximation g = grad L_query (the Hessian term dropped).
     cg_tol: per-task relative tolerance, ||r|| <= cg_tol * ||b||.
@@ -106,12 +114,20 @@ class IMAMLConfig:
     cg_dense: str = "auto"
     amp: str = "none"
     layer_derivatives: str = "closed_form"
+    inner_tol: float = 0.0  # last, so that positional construction keeps its meaning
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
             _fail("inner_solver", self.inner_solver, f"allowed values are {INNER_SOLVERS}")
         _check_int("inner_steps", self.inner_steps, 0)
         _check_real("inner_lr", self.inner_lr, positive=True)
+        _check_real("inner_tol", self.inner_tol, nonneg=True)
+        if not self.inner_tol < 1:
+            _fail("inner_tol", self.inner_tol, "expected a number in [0, 1): a relative residual "
+                  "(1 means no progress from theta)")
+        if self.inner_tol > 0 and self.inner_solver != "gd_armijo":
+            _fail("inner_tol", self.inner_tol, "it needs inner_solver='gd_armijo', the solver "
+                  "that knows grad F at every iterate (or set inner_tol=0)")
         _check_real("lam", self.lam, positive=True)
         _check_int("cg_steps", self.cg_steps, 0)
         _check_real("cg_tol", self.cg_tol, nonneg=True)

@@ -47,6 +47,18 @@ def graphs_why_not(device: torch.device) -> list:
     return []
 
 
+def config_why_not(config: IMAMLConfig) -> list:
+    """Why a meta-gradient with these settings cannot be captured; empty when it can."""
+    reasons = []
+    if config.backend == "reference":
+        reasons.append("cuda_graphs cannot capture the reference backend (it decides on the "
+                       "host after every CG iteration); use backend='auto'")
+    if config.inner_tol > 0:
+        reasons.append("cuda_graphs cannot capture inner_tol > 0 (how many inner steps run is "
+                       "decided on the host); use inner_tol=0 or cuda_graphs=False")
+    return reasons
+
+
 def _copy_result(r: MetaGradient, fm: FunctionalModel) -> MetaGradient:
     clone = {f.name: (getattr(r, f.name).clone() if isinstance(getattr(r, f.name), torch.Tensor)
                       else getattr(r, f.name)) for f in dataclasses.fields(r)}
@@ -69,9 +81,8 @@ class CapturedMetaGradient:
         reasons = graphs_why_not(fm.device)
         if reasons:
             raise ValueError("cuda_graphs needs a CUDA model: " + "; ".join(reasons))
-        if config.backend == "reference":
-            raise ValueError("cuda_graphs cannot capture the reference backend (it decides on "
-                             "the host after every CG iteration); use backend='auto'")
+        if config_why_not(config):
+            raise ValueError("; ".join(config_why_not(config)))
         self.fm, self.config, self.operator, self.warmup = fm, config, operator, warmup
         if max_graphs is not None and (isinstance(max_graphs, bool) or not isinstance(max_graphs, int)
                                        or max_graphs < 0):

@@ -55,6 +55,9 @@ class MetaGradient:
     # [T, M, ...] model outputs on the query set at phi_i, from the query gradient's forward
     # pass (what IMAML.predict(adapted, x_query) returns); None from the reference backend
     query_outputs: Optional[torch.Tensor] = None
+    # [T] long: the inner steps each task ran (config.inner_steps unless config.inner_tol
+    # stopped it earlier)
+    inner_steps: Optional[torch.Tensor] = None
 
 
 def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
@@ -222,4 +225,5 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         query_loss=query_loss, grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend=backend.name, hvp=hvp_mode, task_batching=strategy,
         evals={"grad": inner.grad_evals + 1 + extra_grad, "hvp": inner.hvp_evals + hvp_calls,
-               "loss": inner.loss_evals}, query_outputs=query_outputs)
+               "loss": inner.loss_evals}, query_outputs=query_outputs,
+        inner_steps=inner.steps_taken)

@@ -52,6 +52,8 @@ class InnerResult:
     # (gd_armijo): the inner residual ||grad F_i(phi_i)|| / ||grad F_i(theta)|| needs both
     grad0_norm: Optional[torch.Tensor] = None
     final_grad: Optional[torch.Tensor] = None
+    # [T] long: the iterations each task ran (inner_steps for all but gd_armijo with a tol)
+    steps_taken: Optional[torch.Tensor] = None
 
 
 def regularised_loss(losses: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, lam: float):
@@ -73,7 +75,7 @@ def inner_gd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: 
 
 
 def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: float,
-                    lam: float, strategy="vmap", dot=batched_dot) -> InnerResult:
+                    lam: float, strategy="vmap", dot=batched_dot, tol: float = 0.0) -> InnerResult:
     """Proximal gradient descent with a per-task step size t_i (starting at lr): iteration k
     proposes c = phi - t_i G_i, G_i = grad F_i(phi), and keeps it only where
     F_i(c) <= F_i(phi) - ARMIJO_C t_i ||G_i||^2, or, where the two values of F_i differ by less
@@ -82,6 +84,12 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     by GD_ARMIJO_GROW, at most lr. Each proposal costs one batched gradient evaluation (its
     gradient is the next iteration's G if it is kept), so K steps cost K + 1. dot: the
     per-task dot product [T] (a backend's fused batched_dot).
+
+    tol > 0 (IMAMLConfig.inner_tol): before each iteration, a task whose ||G_i|| is at most
+    tol * ||G_i(theta)|| stops where it is and leaves the batch, so the later gradient
+    evaluations run on the tasks still going (one host sync per iteration). A task's result
+    does not depend on the others': it is what it would be alone. InnerResult.steps_taken
+    says how many iterations each task ran.
 
     Why: with a fixed step, iMAML-GD on the Omniglot network stops converging once
     meta-training sharpens the support loss past lr * (largest Hessian eigenvalue + lam) = 2;
@@ -92,7 +100,7 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     T = x.shape[0]
     phi = theta.expand(T, -1).clone()
     if steps == 0:
-        return InnerResult(phi=phi)
+        return InnerResult(phi=phi, steps_taken=_full_steps(phi, 0))
     # at phi = theta the proximal term and its gradient are zero: G = g, F = the support loss
     G, losses = fm.grad_and_losses(phi, x, y, strategy)
     F = losses.to(phi.dtype)
@@ -100,10 +108,26 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
     grad0_norm = GG.sqrt()
     t = torch.full((T,), float(lr), dtype=phi.dtype, device=phi.device)
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
-    for _ in range(steps):
+    evals = 1
+    if tol > 0:
+        # the tasks still going are rows `rows` of the outputs; phi, G, ... x, y hold only them
+        out = _Finished(phi, G, steps)
+        rows = torch.arange(T, device=phi.device)
+        limit = tol * grad0_norm
+    for k in range(steps):
+        if tol > 0:
+            fin = GG.sqrt() <= limit
+            if bool(fin.any()):  # the host sync
+                out.put(rows[fin], phi[fin], G[fin], k)
+                go = ~fin
+                rows, phi, G, GG, F, t, limit = (v[go] for v in (rows, phi, G, GG, F, t, limit))
+                x, y = x[go.to(x.device)], y[go.to(y.device)]
+                if rows.numel() == 0:
+                    break
         # [T, P] passes are a visible share of a CPU step here: fused and in place where safe
         cand = torch.addcmul(phi, t.unsqueeze(-1), G, value=-1.0)
         gc, lc = fm.grad_and_losses(cand, x, y, strategy)
+        evals += 1
         d = cand - theta
         Fc = (lc + 0.5 * lam * dot(d, d).to(lc.dtype)).to(phi.dtype)
         Gc = d.mul_(lam).add_(gc)  # grad F at cand, in d's buffer
@@ -116,7 +140,29 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
         GG = torch.where(ok, GGc, GG)
         F = torch.where(ok, Fc, F)
         t = torch.where(ok, (t * GD_ARMIJO_GROW).clamp(max=float(lr)), 0.5 * t)
-    return InnerResult(phi=phi, grad_evals=steps + 1, grad0_norm=grad0_norm, final_grad=G)
+    if tol > 0:
+        if rows.numel():
+            out.put(rows, phi, G, steps)
+        phi, G, taken = out.phi, out.G, out.taken
+    else:
+        taken = _full_steps(phi, steps)
+    return InnerResult(phi=phi, grad_evals=evals, grad0_norm=grad0_norm, final_grad=G,
+                       steps_taken=taken)
+
+
+class _Finished:
+    """The full [T, ...] outputs of a solver whose tasks finish at different iterations."""
+
+    def __init__(self, phi, G, steps):
+        self.phi, self.G = torch.empty_like(phi), torch.empty_like(G)
+        self.taken = _full_steps(phi, steps)
+
+    def put(self, rows, phi, G, k):
+        self.phi[rows], self.G[rows], self.taken[rows] = phi, G, k
+
+
+def _full_steps(phi: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.full((phi.shape[0],), steps, dtype=torch.long, device=phi.device)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -186,11 +232,14 @@ def solve_inner(fm: FunctionalModel, theta: torch.Tensor, x, y, config, strategy
         if config.inner_solver == "gd_armijo":
             return inner_gd_armijo(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
                                    lam=config.lam, strategy=strategy,
-                                   dot=ops.get("batched_dot", batched_dot))
+                                   dot=ops.get("batched_dot", batched_dot), tol=config.inner_tol)
         if config.inner_solver == "gd":
-            return inner_gd(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
-                            lam=config.lam, strategy=strategy, prox_update=ops["prox_update"])
-        return inner_hf(fm, theta, x, y, steps=config.inner_steps, lam=config.lam,
-                        cg_steps=config.hf_cg_steps, cg_tol=config.cg_tol,
-                        ls_steps=config.hf_ls_steps, hvp_mode=config.hvp, strategy=strategy,
-                        cg_update=ops["cg_update"])
+            res = inner_gd(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
+                           lam=config.lam, strategy=strategy, prox_update=ops["prox_update"])
+        else:
+            res = inner_hf(fm, theta, x, y, steps=config.inner_steps, lam=config.lam,
+                           cg_steps=config.hf_cg_steps, cg_tol=config.cg_tol,
+                           ls_steps=config.hf_ls_steps, hvp_mode=config.hvp,
+                           strategy=strategy, cg_update=ops["cg_update"])
+        res.steps_taken = _full_steps(res.phi, config.inner_steps)
+        return res

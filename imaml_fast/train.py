@@ -68,6 +68,7 @@ class RunSettings:
     inner_solver: str = "gd"
     inner_steps: int = 10
     inner_lr: float = 0.02
+    inner_tol: float = 0.0
     lam: float = 2.0
     cg_steps: int = 5
     cg_tol: float = 1e-10
@@ -125,7 +126,8 @@ class RunSettings:
 
     def imaml_config(self) -> IMAMLConfig:
         return IMAMLConfig(inner_solver=self.inner_solver, inner_steps=self.inner_steps,
-                           inner_lr=self.inner_lr, lam=self.lam, cg_steps=self.cg_steps,
+                           inner_lr=self.inner_lr, inner_tol=self.inner_tol, lam=self.lam,
+                           cg_steps=self.cg_steps,
                            cg_tol=self.cg_tol, cg_damping=self.cg_damping, cg_clip=self.cg_clip,
                            hvp=self.hvp,
                            backend=self.backend, task_batching=self.task_batching,
@@ -325,7 +327,8 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             ftype = r.query_loss.dtype
             parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(ftype),
                      (r.cg_status == CG_NEGATIVE_CURVATURE).sum().to(ftype),
-                     r.inner_residual.sum().to(ftype), r.cg_clipped.sum().to(ftype)]
+                     r.inner_residual.sum().to(ftype), r.cg_clipped.sum().to(ftype),
+                     r.inner_steps.sum().to(ftype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
                 # the query outputs of the meta-gradient's own forward pass: no second one
                 parts.append(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs)
@@ -343,13 +346,15 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
             # cg_negative_curvature: the share of tasks whose CG stopped on p'Ap <= 0 (an
             # inner solution far from a minimum of the proximal problem; the meta-gradient of
             # such a task is its last CG iterate, a cruder solve)
-            # inner_residual: the mean over tasks of ||grad F(phi)|| / ||grad F(theta)||
+            # inner_residual: the mean over tasks of ||grad F(phi)|| / ||grad F(theta)||;
+            # inner_steps: the mean steps the inner loops ran (below inner_steps only where
+            # inner_tol stopped them)
             last = {"step": step, "inner_loss": sums[0], "inner_residual": sums[4],
-                    "query_loss": sums[1], "cg_iters": sums[2], "cg_negative_curvature": sums[3],
+                    "inner_steps": sums[6], "query_loss": sums[1], "cg_iters": sums[2], "cg_negative_curvature": sums[3],
                     "cg_clipped": sums[5], "tasks_per_s": s.tasks / dt, "seconds": dt,
                     "skipped": skipped}
             if s.task != "sinusoid":
-                last["accuracy"] = sums[6]
+                last["accuracy"] = sums[7]
             recent.append((sums[3], sums[4]))
             if main_rank and len(recent) == CURVATURE_WINDOW:
                 _warn_once(warned, recent, bar)
@@ -359,7 +364,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in (
                     "step", "seconds", "cg_iters", "cg_negative_curvature", "inner_residual",
-                    "cg_clipped")})
+                    "inner_steps", "cg_clipped")})
             stopping = (stop_after is not None and step - start >= stop_after) or timed_out
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 checkpoint(step)

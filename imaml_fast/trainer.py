@@ -19,7 +19,7 @@ from torch import nn
 from .cg import CG_NONFINITE, CG_STATUS_NAMES
 from .config import IMAMLConfig
 from .functional import FunctionalModel
-from .graphs import CaptureFailed, CapturedMetaGradient, graphs_why_not
+from .graphs import CaptureFailed, CapturedMetaGradient, config_why_not, graphs_why_not
 from .implicit import MetaGradient, meta_gradient_flat
 
 
@@ -35,6 +35,7 @@ class MetaStepStats:
         return {
             "inner_loss": r.inner_loss.mean().item(),
             "inner_residual": r.inner_residual.mean().item(),
+            "inner_steps": r.inner_steps.float().mean().item(),
             "query_loss": r.query_loss.mean().item(),
             "cg_iters": r.cg_iters.float().mean().item(),
             "cg_residual": r.cg_residual.max().item(),
@@ -60,7 +61,7 @@ class IMAML:
     cuda_graphs: capture the whole meta-gradient as a CUDA graph per input signature and
         replay it (imaml_fast.graphs). With check_finite=False a meta-step then makes no host
         synchronisation at all. "auto" (the default): on for a CUDA model (unless
-        backend="reference"), for up to AUTO_MAX_GRAPHS input signatures (further ones run
+        backend="reference" or inner_tol > 0), for up to AUTO_MAX_GRAPHS input signatures (further ones run
         uncaptured), and if a capture fails this learner warns once and runs uncaptured from
         then on; off elsewhere. True: on, and a CPU model or a failed capture is an error.
         False: off.
@@ -87,7 +88,7 @@ class IMAML:
         self._graphs_auto = cuda_graphs == "auto"
         if cuda_graphs is True:
             self._graphed = CapturedMetaGradient(self._fm, self.config)
-        elif (self._graphs_auto and self.config.backend != "reference"
+        elif (self._graphs_auto and not config_why_not(self.config)
               and not graphs_why_not(self._fm.device)):
             self._graphed = CapturedMetaGradient(self._fm, self.config,
                                                  max_graphs=self.AUTO_MAX_GRAPHS)

@@ -132,6 +132,14 @@ def test_cg_clip_flag_reaches_the_settings(trained_settings, capsys):
     assert trained_settings["s"].cg_clip is False
 
 
+def test_inner_tol_flag_reaches_the_settings(trained_settings, capsys):
+    run(["train", "--inner-solver", "gd_armijo", "--inner-tol", "0.05", "--out", "x"], capsys)
+    assert trained_settings["s"].inner_tol == 0.05
+    assert trained_settings["s"].imaml_config().inner_tol == 0.05
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].inner_tol == 0.0
+
+
 def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     run(["train", "--cuda-graphs", "--out", "x"], capsys)
     assert trained_settings["s"].cuda_graphs is True

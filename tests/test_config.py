@@ -13,6 +13,8 @@ BAD = [
     ("hf_cg_steps", 0), ("hf_ls_steps", 0),
     ("task_batching", 0), ("task_batching", "chunks"), ("task_batching", False),
     ("check_finite", 1), ("cg_clip", 1), ("cg_clip", True),  # cg_clip needs cg_damping > 0
+    ("inner_tol", -0.1), ("inner_tol", 1.0), ("inner_tol", float("nan")), ("inner_tol", "0.1"),
+    ("inner_tol", 0.1),  # inner_tol needs inner_solver="gd_armijo"
 ]
 
 
@@ -45,3 +47,11 @@ def test_cg_clip_says_it_needs_damping():
     with pytest.raises(ValueError, match="needs cg_damping > 0"):
         IMAMLConfig(cg_clip=True)
     assert IMAMLConfig(cg_clip=True, cg_damping=10.0).cg_clip
+
+
+def test_inner_tol_says_which_solver_it_needs():
+    for solver in ("gd", "hf"):
+        with pytest.raises(ValueError, match="needs inner_solver='gd_armijo'"):
+            IMAMLConfig(inner_solver=solver, inner_tol=0.01)
+    assert IMAMLConfig(inner_solver="gd_armijo", inner_tol=0.01).inner_tol == 0.01
+    assert IMAMLConfig().inner_tol == 0.0  # off by default: every task takes inner_steps

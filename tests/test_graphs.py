@@ -63,6 +63,30 @@ def test_cuda_graphs_auto_is_off_for_a_cpu_model_and_the_option_is_checked():
         IMAML(model, F.cross_entropy, IMAMLConfig(), cuda_graphs="yes")
 
 
+def test_settings_that_cannot_be_captured_say_why():
+    from imaml_fast.graphs import config_why_not
+
+    assert config_why_not(IMAMLConfig()) == []
+    assert config_why_not(IMAMLConfig(inner_solver="gd_armijo")) == []
+    [why] = config_why_not(IMAMLConfig(inner_solver="gd_armijo", inner_tol=0.01))
+    assert "inner_tol" in why and "cuda_graphs=False" in why
+    [why] = config_why_not(IMAMLConfig(backend="reference"))
+    assert "reference" in why
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_inner_tol_runs_uncaptured_under_auto_and_is_refused_when_insisted_on():
+    model = conv_bn().float().cuda()
+    cfg = IMAMLConfig(inner_solver="gd_armijo", inner_steps=20, inner_lr=0.5, inner_tol=0.05)
+    auto = IMAML(model, F.cross_entropy, cfg)
+    assert auto.cuda_graphs is False
+    r = auto.meta_gradient(*_cuda_episode(4))
+    assert (r.inner_steps < 20).any() and r.inner_steps.device.type == "cuda"
+    with pytest.raises(ValueError, match="inner_tol"):
+        IMAML(model, F.cross_entropy, cfg, cuda_graphs=True)
+
+
 class _FailingCapture:
     """Stands in for a CapturedMetaGradient whose capture fails."""
 
@@ -171,6 +195,7 @@ def test_replay_equals_uncaptured_for_new_data(solver, mode, extra, tol):
         torch.testing.assert_close(b.adapted_flat, a.adapted_flat, rtol=tol, atol=tol / 10)
         torch.testing.assert_close(b.inner_residual, a.inner_residual, rtol=tol, atol=tol / 10)
         assert torch.equal(b.cg_status, a.cg_status) and torch.equal(b.cg_clipped, a.cg_clipped)
+        assert torch.equal(b.inner_steps, a.inner_steps)
     assert graphed._graphed.captures == 1 and graphed._graphed.replays == 3
     graphed.meta_gradient(*_cuda_episode(5))  # another T: a new graph
     assert graphed._graphed.captures == 2

@@ -103,9 +103,11 @@ def test_hf_line_search_never_increases_the_regularised_objective():
         prev = cur
 
 
-def _armijo_loop(f, theta, steps, lr, lam):
+def _armijo_loop(f, theta, steps, lr, lam, tol=0.0, with_steps=False):
     """inner_gd_armijo's rule for one task, on a loss w [P] -> scalar, written out with
-    autograd and Python control flow. Returns phi and the accept/reject sequence."""
+    autograd and Python control flow. Returns phi and the accept/reject sequence (and, with
+    with_steps, the iterations run: fewer than `steps` where ||grad F|| <= tol ||grad F(theta)||
+    stopped it)."""
     flat = 64 * torch.finfo(theta.dtype).eps
     def objective(w):
         return f(w) + 0.5 * lam * torch.dot(w - theta, w - theta)
@@ -117,7 +119,11 @@ def _armijo_loop(f, theta, steps, lr, lam):
 
     phi, t, history = theta.clone(), lr, []
     G, Fv = grad(phi)
-    for _ in range(steps):
+    G0, ran = G.norm(), steps
+    for k in range(steps):
+        if tol > 0 and G.norm() <= tol * G0:
+            ran = k
+            break
         cand = phi - t * G
         Gc, Fc = grad(cand)
         level = abs(Fc - Fv) <= flat * abs(Fv) and Gc.norm() < G.norm()
@@ -127,7 +133,7 @@ def _armijo_loop(f, theta, steps, lr, lam):
         else:
             t = 0.5 * t
             history.append(False)
-    return phi, history
+    return (phi, history, ran) if with_steps else (phi, history)
 
 
 def test_gd_armijo_matches_an_independent_per_task_loop():
@@ -181,3 +187,58 @@ def test_gd_armijo_never_increases_the_objective_and_rejects_non_finite_steps():
         prev = cur
     assert (prev < regularised_loss(fm.losses(theta.expand(5, -1), xs, ys), theta.expand(5, -1),
                                     theta, lam)).all()
+
+
+def test_gd_armijo_tol_stops_each_task_where_its_own_loop_would():
+    """inner_tol: each task stops at the first iteration where ||grad F_i|| <= tol
+    ||grad F_i(theta)||, and leaves the batch; its phi and step count are what the written-out
+    loop gives for that task alone, whichever other tasks share the batch."""
+    model = mlp()
+    fm = FunctionalModel(model, F.cross_entropy)
+    T = 5
+    xs, ys, _, _ = class_episode(T, 6, 1, (3,), 2)
+    xs = xs * torch.tensor([0.3, 1.0, 2.0, 4.0, 8.0], dtype=DT).view(T, 1, 1)
+    lam, lr, steps, tol = 0.5, 8.0, 40, 0.05
+    out = inner_gd_armijo(fm, fm.theta, xs, ys, steps=steps, lr=lr, lam=lam, tol=tol)
+    theta = flat_params(model)
+    ran = []
+    for i in range(T):
+        phi, _, k = _armijo_loop(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), theta,
+                                 steps, lr, lam, tol=tol, with_steps=True)
+        assert torch.allclose(out.phi[i], phi, rtol=1e-12, atol=1e-13), i
+        ran.append(k)
+    assert out.steps_taken.tolist() == ran
+    assert len(set(ran)) >= 3 and max(ran) < steps  # tasks left the batch at different steps
+    assert out.grad_evals == 1 + max(ran)
+    # final_grad is grad F at each task's phi, and the tolerance holds there
+    resid = out.final_grad.norm(dim=1) / out.grad0_norm
+    assert (resid <= tol).all()
+    for i in range(T):
+        d = out.phi[i] - theta
+        w = out.phi[i].clone().requires_grad_(True)
+        g = torch.autograd.grad(task_loss_fn(model, F.cross_entropy, xs[i], ys[i])(w), w)[0]
+        assert torch.allclose(out.final_grad[i], g + lam * d, rtol=1e-10, atol=1e-12)
+    # alone, a task gets the same numbers and count as in the batch
+    for i in (0, 4):
+        alone = inner_gd_armijo(fm, fm.theta, xs[i:i + 1], ys[i:i + 1], steps=steps, lr=lr,
+                                lam=lam, tol=tol)
+        assert torch.allclose(alone.phi[0], out.phi[i], rtol=1e-12, atol=1e-13)
+        assert alone.steps_taken.tolist() == [ran[i]]
+
+
+def test_gd_armijo_tol_caps_at_inner_steps_and_stops_flat_tasks_at_once():
+    model = mlp()
+    fm = FunctionalModel(model, F.cross_entropy)
+    xs, ys, _, _ = class_episode(3, 6, 1, (3,), 2)
+    lam, lr = 0.5, 8.0
+    full = inner_gd_armijo(fm, fm.theta, xs, ys, steps=6, lr=lr, lam=lam)
+    tight = inner_gd_armijo(fm, fm.theta, xs, ys, steps=6, lr=lr, lam=lam, tol=1e-12)
+    # a tolerance no task reaches changes nothing: same iterates, every task runs the cap
+    assert torch.equal(tight.phi, full.phi) and torch.equal(tight.final_grad, full.final_grad)
+    assert tight.steps_taken.tolist() == [6, 6, 6] == full.steps_taken.tolist()
+    assert tight.grad_evals == full.grad_evals == 7
+    # a task whose gradient at theta is zero (0/0: residual 0) stops before its first step
+    flat = FunctionalModel(mlp(), lambda out, y: (out * 0).sum())
+    r = inner_gd_armijo(flat, flat.theta, xs, ys, steps=6, lr=lr, lam=lam, tol=0.1)
+    assert r.steps_taken.tolist() == [0, 0, 0] and r.grad_evals == 1
+    assert torch.equal(r.phi, flat.theta.expand(3, -1))

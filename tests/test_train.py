@@ -247,6 +247,28 @@ def test_metrics_log_the_share_of_clipped_tasks(tmp_path, monkeypatch):
     assert 0 < sum(seen) < len(seen)
 
 
+def test_metrics_log_the_mean_inner_steps_that_inner_tol_left(tmp_path, monkeypatch):
+    """--inner-tol reaches the engine; each line's inner_steps is its step's mean of the
+    steps each task's inner loop ran, below inner_steps where the tolerance stopped it."""
+    real, seen = IMAML.meta_step, []
+
+    def recording(self, *a):
+        stats = real(self, *a)
+        assert self.config.inner_tol == 0.1
+        seen.append(stats.result.inner_steps.double().mean().item())
+        return stats
+
+    monkeypatch.setattr(IMAML, "meta_step", recording)
+    train(sin_settings(tmp_path / "run", steps=6, tasks=10, inner_steps=30, inner_tol=0.1))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["inner_steps"] for l in lines] == pytest.approx(seen, abs=1e-12)
+    assert all(0 < v < 30 for v in seen)
+    monkeypatch.setattr(IMAML, "meta_step", real)
+    train(sin_settings(tmp_path / "fixed", steps=2, tasks=10, inner_steps=7))
+    lines = [json.loads(l) for l in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["inner_steps"] for l in lines] == [7.0, 7.0]
+
+
 def test_a_run_whose_inner_loops_end_far_from_solved_is_warned_once(tmp_path, monkeypatch):
     """The inner-residual warning: quiet for the sinusoid preset's own inner loop; once, naming
     the fix, when the window's mean residual exceeds INNER_RESIDUAL_WARN (here from step 4

@@ -81,8 +81,8 @@ def cg_ref(matvec, b, max_iter, tol):
     return x, iters, rs.sqrt(), status
 
 
-# Each inner solver returns phi and ||grad L(theta)||, its first gradient's norm (None for
-# K = 0), for the inner residual.
+# Each inner solver returns phi, ||grad L(theta)||, its first gradient's norm (None for
+# K = 0), for the inner residual, and the number of steps it ran.
 
 def _inner_gd(fm, loss_of, theta, config):
     phi, g0 = theta.clone(), None
@@ -90,7 +90,7 @@ def _inner_gd(fm, loss_of, theta, config):
         g, _ = _grad(fm, loss_of, phi)
         g0 = g.norm() if g0 is None else g0
         phi = phi - config.inner_lr * (g + config.lam * (phi - theta))
-    return phi, g0
+    return phi, g0, config.inner_steps
 
 
 def _inner_gd_armijo(fm, loss_of, theta, config):
@@ -103,11 +103,13 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
     phi, t = theta.clone(), lr
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
     if config.inner_steps == 0:
-        return phi, None
+        return phi, None, 0
     G, F = _grad(fm, loss_of, phi)  # at phi = theta the proximal term and its gradient are 0
     GG = torch.dot(G, G)
     g0 = GG.sqrt()
-    for _ in range(config.inner_steps):
+    for k in range(config.inner_steps):
+        if config.inner_tol > 0 and GG.sqrt() <= config.inner_tol * g0:
+            return phi, g0, k  # solved to the tolerance
         cand = phi - t * G
         gc, lc = _grad(fm, loss_of, cand)
         Fc, Gc = objective(cand, lc), gc + lam * (cand - theta)
@@ -119,7 +121,7 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
             t = min(t * GD_ARMIJO_GROW, lr)
         else:
             t = 0.5 * t
-    return phi, g0
+    return phi, g0, config.inner_steps
 
 
 def _inner_hf(fm, loss_of, theta, config):
@@ -149,7 +151,7 @@ def _inner_hf(fm, loss_of, theta, config):
                 phi = cand
                 break
             t *= 0.5
-    return phi, g0
+    return phi, g0, config.inner_steps
 
 
 def meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
@@ -164,7 +166,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
 
     T = xs.shape[0]
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
-    inner_res, clipped = [], []
+    inner_res, clipped, steps = [], [], []
     shift, scale = operator
     for i in range(T):
         def support(params, i=i):
@@ -174,7 +176,8 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
             return fm.loss_params(params, xq[i], yq[i])
 
         solve = {"gd": _inner_gd, "gd_armijo": _inner_gd_armijo, "hf": _inner_hf}[config.inner_solver]
-        phi, g0 = solve(fm, support, theta, config)
+        phi, g0, k = solve(fm, support, theta, config)
+        steps.append(k)
         gq, ql = _grad(fm, query, phi)
         gs_phi, il = _grad(fm, support, phi)
         rnorm = (gs_phi + config.lam * (phi - theta)).norm()
@@ -213,4 +216,5 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         inner_loss=torch.stack(inner_loss), inner_residual=torch.stack(inner_res).detach(),
         query_loss=torch.stack(query_loss),
         grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
-        backend="reference", hvp="revrev", task_batching="loop", evals={})
+        backend="reference", hvp="revrev", task_batching="loop", evals={},
+        inner_steps=torch.tensor(steps, dtype=torch.long, device=dev))
