@@ -3,17 +3,21 @@ several numbers of inner steps K, on one meta-batch of its training tasks.
 
 For each K: the inner residual ||grad F(phi)|| / ||grad F(theta)|| (MetaGradient.inner_residual),
 the support loss at phi, the share of tasks whose implicit CG met negative curvature and,
-with --cg-clip, the share clipped. Everything else is the run's own settings unless named.
-A share of negative-curvature stops that vanishes with more inner steps says that the inner
-loop stops partway down, in a region of negative curvature, rather than at a minimum.
+with --cg-clip, the share clipped, the seconds it took, and the meta-gradient's relative
+distance from the one with the most inner steps (the best solved). Everything else is the
+run's own settings unless named. A share of negative-curvature stops that vanishes with more
+inner steps says that the inner loop stops partway down, in a region of negative curvature,
+rather than at a minimum. --inner-tol adds one row per tolerance (IMAMLConfig.inner_tol,
+capped at the largest K): the steps the tasks took (mean and most) for the same measures.
 
     python benchmarks/inner_steps_probe.py RUN_DIR --data-root DATA [--steps 25 100 400]
-        [--cg-damping 10] [--cg-clip] [--tasks 16] [--json out.json]
+        [--inner-tol 0.02 0.005] [--cg-damping 10] [--cg-clip] [--tasks 16] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -26,24 +30,39 @@ SAMPLE_SEED = 321  # the meta-batch probed: drawn from its own stream, the same 
 
 
 def probe(run_dir: str, data_root: str, steps, tasks: int, cg_damping=None,
-          cg_clip: bool = False) -> tuple:
-    """(rows, settings): one row per K."""
+          cg_clip: bool = False, tols=()) -> tuple:
+    """(rows, settings): one row per K, then one per tolerance."""
     ckpt, s, model = load_run(f"{run_dir}/checkpoint.pt", data_root)
     xs, ys, xq, yq = build_sampler(s, "train", tasks, seed=SAMPLE_SEED).sample()
     damping = s.cg_damping if cg_damping is None else cg_damping
     base = s.imaml_config().replace(task_batching="vmap", cg_damping=damping, cg_clip=cg_clip)
-    rows = []
-    for k in steps:
-        r = meta_gradient(model, loss_fn_for(s), xs, ys, xq, yq, base.replace(inner_steps=k))
+    cap = max(steps)
+    if tols and base.inner_solver != "gd_armijo":
+        raise SystemExit(f"--inner-tol needs a gd_armijo run; {run_dir} ran {base.inner_solver}")
+    runs = [(k, 0.0) for k in steps] + [(cap, tol) for tol in tols]
+    rows, grads = [], []
+    for k, tol in runs:
+        t0 = time.perf_counter()
+        r = meta_gradient(model, loss_fn_for(s), xs, ys, xq, yq,
+                          base.replace(inner_steps=k, inner_tol=tol))
+        seconds = time.perf_counter() - t0
+        grads.append((r.grads_flat, r.task_grads_flat))
         rows.append({
-            "inner_steps": k, "residual": r.inner_residual.tolist(),
+            "inner_steps": k, "inner_tol": tol, "steps_taken": r.inner_steps.tolist(),
+            "seconds": seconds, "residual": r.inner_residual.tolist(),
             "support_loss": r.inner_loss.tolist(),
             "negative_curvature": float((r.cg_status == CG_NEGATIVE_CURVATURE).double().mean()),
             "clipped": float(r.cg_clipped.double().mean())})
-        print(f"K = {k}: residual median {statistics.median(rows[-1]['residual']):.4f}, "
-              f"support loss {statistics.mean(rows[-1]['support_loss']):.4f}, CG stopped on "
-              f"negative curvature {rows[-1]['negative_curvature']:.0%}, clipped "
-              f"{rows[-1]['clipped']:.0%}", flush=True)
+        print(f"K = {k}{f', inner_tol {tol:g}' if tol else ''}: steps taken mean "
+              f"{statistics.mean(rows[-1]['steps_taken']):.1f}, residual median "
+              f"{statistics.median(rows[-1]['residual']):.4f}, support loss "
+              f"{statistics.mean(rows[-1]['support_loss']):.4f}, CG stopped on negative "
+              f"curvature {rows[-1]['negative_curvature']:.0%}, clipped "
+              f"{rows[-1]['clipped']:.0%}, {seconds:.1f} s", flush=True)
+    best, best_tasks = grads[steps.index(cap)]
+    for row, (g, tg) in zip(rows, grads):
+        row["grad_error"] = float((g - best).norm() / best.norm())
+        row["task_grad_error"] = ((tg - best_tasks).norm(dim=1) / best_tasks.norm(dim=1)).tolist()
     settings = {"run": run_dir.rstrip("/").split("/")[-1], "step": ckpt["step"],
                 "preset": s.preset, "tasks": tasks, "cg_damping": damping, "cg_clip": cg_clip,
                 "inner_solver": s.inner_solver, "inner_lr": s.inner_lr, "lam": s.lam}
@@ -56,13 +75,22 @@ def markdown(meta: dict, rows) -> str:
             f"meta-batch of {s['tasks']} training tasks, {s['inner_solver']} at inner lr "
             f"{s['inner_lr']:g}, lam {s['lam']:g}, cg_damping {s['cg_damping']:g}"
             f"{', cg_clip' if s['cg_clip'] else ''}. Residual: median over tasks; support "
-            f"loss: mean.\n\n")
-    lines = ["| inner steps | inner residual | support loss | CG stopped on negative curvature "
-             "| clipped |", "| ---: | ---: | ---: | ---: | ---: |"]
+            f"loss: mean; meta-gradient error: ||g - g*|| / ||g*||, g* the meta-gradient with "
+            f"the most inner steps, for the mean over tasks and (median) for each task's; seconds: one meta-gradient on this machine.\n\n")
+    lines = ["| inner steps | inner_tol | steps taken (mean / most) | inner residual | support loss "
+             "| CG stopped on negative curvature | clipped | meta-gradient error (mean / tasks) "
+             "| seconds |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['inner_steps']} | {statistics.median(r['residual']):.4f} | "
+        taken = r.get("steps_taken") or [r["inner_steps"]]
+        lines.append(f"| {r['inner_steps']} | {r.get('inner_tol', 0.0):g} | "
+                     f"{statistics.mean(taken):.1f} / {max(taken)} | "
+                     f"{statistics.median(r['residual']):.4f} | "
                      f"{statistics.mean(r['support_loss']):.4f} | "
-                     f"{r['negative_curvature']:.0%} | {r['clipped']:.0%} |")
+                     f"{r['negative_curvature']:.0%} | {r['clipped']:.0%} | "
+                     f"{r.get('grad_error', float('nan')):.2e} / "
+                     f"{statistics.median(r.get('task_grad_error', [float('nan')])):.2e} | "
+                     f"{r.get('seconds', float('nan')):.1f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -74,10 +102,12 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--cg-damping", type=float, default=None, help="default: the run's")
     ap.add_argument("--cg-clip", action="store_true")
+    ap.add_argument("--inner-tol", type=float, nargs="*", default=[],
+                    help="tolerances to add, each capped at the largest --steps")
     ap.add_argument("--json", help="write the raw results here (and a .md beside it)")
     args = ap.parse_args(argv)
     rows, settings = probe(args.run, args.data_root, args.steps, args.tasks, args.cg_damping,
-                           args.cg_clip)
+                           args.cg_clip, args.inner_tol)
     meta = run_meta("inner_steps_probe.py", settings)
     md = markdown(meta, rows)
     print(md)

@@ -111,9 +111,11 @@ def step_counts(config, inner_only: bool = False) -> dict:
     inner_only, one inner solve) of `config` makes: choose_strategy's weights."""
     if config.inner_solver == "hf":
         grads, hvps = config.inner_steps, config.inner_steps * config.hf_cg_steps
-    else:  # gd_armijo also evaluates the gradient at the start point
+    else:  # gd_armijo also evaluates the gradient at the start point; agd a loss per step
         start = config.inner_solver == "gd_armijo" and config.inner_steps > 0
         grads, hvps = config.inner_steps + start, 0
+        if config.inner_solver == "agd":
+            grads += config.inner_steps / 3  # a loss: a forward pass, about a third of a gradient
     if not inner_only:
         grads += 2  # the query gradient and the support gradient kept for the products
         hvps += config.cg_steps

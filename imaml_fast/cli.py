@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--q-query", type=_positive_int, help="query examples per class")
     g.add_argument("--inner-solver", choices=INNER_SOLVERS,
                    help="gd: the paper's fixed step; gd_armijo: each step kept only where it "
-                        "lowers the task's loss (the Omniglot presets); hf: Newton-CG")
+                        "lowers the task's loss (the Omniglot presets); agd: the same with "
+                        "Nesterov momentum (closer to the minimiser in the same steps); hf: "
+                        "Newton-CG")
     g.add_argument("--inner-steps", type=_positive_int)
     g.add_argument("--inner-lr", type=float)
     g.add_argument("--inner-tol", type=float,

@@ -8,6 +8,11 @@ on flat [T, P] parameters:
   task's regularised objective F_i enough (Armijo); a rejected step leaves phi_i where it was
   and halves that task's step size, an accepted one lets it grow back towards lr. One more
   gradient evaluation than inner_gd (the start point's), no host sync.
+- inner_agd: K Nesterov-accelerated proximal gradient steps with the same per-task Armijo
+  step sizes, momentum reset where it stops helping (adaptive restart), and the objective
+  never increasing. One gradient and one loss evaluation per step. On ill-conditioned inner
+  problems it gets far closer to the minimiser than inner_gd_armijo in the same steps (see
+  its docstring for the measurement).
 - inner_hf: K Hessian-free Newton steps: solve (H_i + lam I) d = grad F_i(phi) with a few CG
   iterations on the batched HVP, then backtrack phi - t d, t = 1, 1/2, ... until the Armijo
   condition holds for that task (iMAML-HF).
@@ -150,6 +155,72 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
                        steps_taken=taken)
 
 
+def inner_agd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr: float,
+              lam: float, strategy="vmap", dot=batched_dot) -> InnerResult:
+    """Nesterov-accelerated proximal gradient descent with per-task Armijo step sizes and
+    adaptive restart (IMAMLConfig(inner_solver="agd")).
+
+    Iteration k, per task, from the accepted iterate phi and the extrapolated point v
+    (v = phi = theta at the start), with F = L + lam/2 ||. - theta||^2, G = grad F(v):
+        c = v - t G;  accepted where F(c) <= F(v) - ARMIJO_C t ||G||^2 and F(c) <= F(phi),
+                      each test also passed where the two values differ by less than their
+                      rounding (ARMIJO_FLAT)
+        phi' = c where accepted, else phi
+        v'   = phi' + beta (phi' - phi),  beta = (1 - sqrt(lam t)) / (1 + sqrt(lam t))
+    with beta = 0 (a restart: v' = phi') where the step was not accepted or where
+    G . (phi' - phi) > 0 (the momentum points uphill: O'Donoghue and Candes' gradient
+    restart). A task whose Armijo test fails halves t; one accepted multiplies it by
+    GD_ARMIJO_GROW, at most lr; one that passes Armijo from v but would raise F(phi) keeps t
+    and restarts. beta is Nesterov's constant-momentum choice for a lam-strongly convex F with
+    curvature at most 1/t. So F(phi) never increases by more than its rounding, and where
+    momentum does not help the iteration is inner_gd_armijo's. Each iteration: one gradient (at v) and one loss (at c).
+
+    Why: F's curvature along the directions the support loss hardly bends is lam alone, where
+    gradient descent contracts by only (1 - t lam) per step (0.94 at the presets' t = 0.03,
+    lam = 2), while the directions the loss bends sharply cap t. Measured on the 5-way 1-shot
+    preset's meta-parameters after 4,000 meta-steps (benchmarks/inner_steps_probe.py, float64,
+    8 training tasks): after 16 steps gd_armijo's F was 0.24 above the lowest F found, 20 times
+    that value, although its inner residual was 1.3%; this solver's was 0.038, and 0.0012
+    after 24 steps (gd_armijo: 0.084). The implicit gradient is the one of the minimiser.
+    InnerResult.final_grad stays None: the gradient at phi is not evaluated."""
+    T = x.shape[0]
+    phi = theta.expand(T, -1).clone()
+    if steps == 0:
+        return InnerResult(phi=phi, steps_taken=_full_steps(phi, 0))
+    v = phi
+    t = torch.full((T,), float(lr), dtype=phi.dtype, device=phi.device)
+    flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
+    F_phi = grad0_norm = None
+    for k in range(steps):
+        g, losses = fm.grad_and_losses(v, x, y, strategy)
+        G = v - theta
+        Fv = (losses + 0.5 * lam * dot(G, G).to(losses.dtype)).to(phi.dtype)
+        G.mul_(lam).add_(g)  # grad F at v
+        GG = dot(G, G)
+        if k == 0:  # v = phi = theta
+            F_phi, grad0_norm = Fv, GG.sqrt()
+        cand = torch.addcmul(v, t.unsqueeze(-1), G, value=-1.0)
+        dc = cand - theta
+        Fc = (fm.losses(cand, x, y, strategy) + 0.5 * lam * dot(dc, dc).to(losses.dtype)).to(phi.dtype)
+        # where F's change is within its rounding the tests cannot decide: the step is taken
+        # (the gradient, still accurate there, chose it), else the solver would stall about
+        # sqrt(machine epsilon) from the minimiser
+        level = (Fc - Fv).abs() <= flat * Fv.abs()
+        armijo = torch.isfinite(Fc) & ((Fc <= Fv - ARMIJO_C * t * GG) | level)
+        ok = armijo & ((Fc <= F_phi) | (level & ((Fc - F_phi).abs() <= flat * F_phi.abs())))
+        new = torch.where(ok.unsqueeze(-1), cand, phi)
+        step = new - phi
+        root = (lam * t).sqrt()
+        beta = torch.where(~ok | (dot(G, step) > 0), torch.zeros_like(t), (1 - root) / (1 + root))
+        v = torch.addcmul(new, beta.unsqueeze(-1), step)
+        phi = new
+        F_phi = torch.where(ok, Fc, F_phi)
+        t = torch.where(ok, (t * GD_ARMIJO_GROW).clamp(max=float(lr)),
+                        torch.where(armijo, t, 0.5 * t))
+    return InnerResult(phi=phi, grad_evals=steps, loss_evals=steps, grad0_norm=grad0_norm,
+                       steps_taken=_full_steps(phi, steps))
+
+
 class _Finished:
     """The full [T, ...] outputs of a solver whose tasks finish at different iterations."""
 
@@ -233,6 +304,10 @@ def solve_inner(fm: FunctionalModel, theta: torch.Tensor, x, y, config, strategy
             return inner_gd_armijo(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
                                    lam=config.lam, strategy=strategy,
                                    dot=ops.get("batched_dot", batched_dot), tol=config.inner_tol)
+        if config.inner_solver == "agd":
+            return inner_agd(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
+                             lam=config.lam, strategy=strategy,
+                             dot=ops.get("batched_dot", batched_dot))
         if config.inner_solver == "gd":
             res = inner_gd(fm, theta, x, y, steps=config.inner_steps, lr=config.inner_lr,
                            lam=config.lam, strategy=strategy, prox_update=ops["prox_update"])

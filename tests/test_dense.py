@@ -35,7 +35,7 @@ def test_dense_cg_ref_solves_and_flags():
     assert torch.equal(x[2], b[2])
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 def test_dense_meta_gradient_equals_matrix_free(solver):
     model = conv_bn()
     ep = class_episode(4, 5, 4, (1, 6, 6), 3)

@@ -20,7 +20,7 @@ from imaml_fast.models import omniglot_conv
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 @pytest.mark.parametrize("hvp", ["revrev", "fwdrev"])
 @pytest.mark.parametrize("clip", [False, True])
 def test_captured_pipeline_makes_no_host_sync(solver, hvp, clip):
@@ -37,7 +37,7 @@ def test_captured_pipeline_makes_no_host_sync(solver, hvp, clip):
         bool(r.cg_status.sum() > 0)
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 def test_captured_dense_path_makes_no_host_sync(solver):
     # A small model on CUDA takes the dense-Hessian path under cg_dense="auto": captured too.
     fm = FunctionalModel(conv_bn().float().to("meta"), F.cross_entropy)

@@ -32,7 +32,7 @@ def test_matches_exact_implicit_gradient(case, solver, hvp):
         assert r.grads[name].shape == p.shape and r.task_grads[name].shape == (3, *p.shape)
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 def test_linear_regression_closed_form(solver):
     """phi*(theta) = (2/N X'X + lam I)^-1 (2/N X'y + lam theta): autograd through this
     closed form gives the exact meta-gradient."""
@@ -60,14 +60,15 @@ def test_linear_regression_closed_form(solver):
 @pytest.mark.parametrize("solver,hvp,batching", [
     ("gd", "auto", "auto"), ("gd", "fwdrev", "vmap"), ("gd", "revrev", "loop"),
     ("gd", "revrev", 3), ("hf", "revrev", "vmap"), ("hf", "fwdrev", 2),
-    ("gd_armijo", "auto", "auto"), ("gd_armijo", "fwdrev", 2)])
+    ("gd_armijo", "auto", "auto"), ("gd_armijo", "fwdrev", 2),
+    ("agd", "auto", "auto"), ("agd", "revrev", "loop"), ("agd", "fwdrev", 3)])
 def test_batched_equals_reference(T, solver, hvp, batching):
     model = conv_bn(n_way=3, channels=3)
     xs, ys, xq, yq = class_episode(T, 3, 5, (1, 6, 6), 3)  # odd sizes: N=3, M=5, P=120
-    # gd_armijo at a step size its line search has to cut (both branches run)
+    # gd_armijo and agd at a step size their line search has to cut (both branches run)
     cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 4, cg_steps=5,
                       hvp=hvp, task_batching=batching,
-                      inner_lr=6.0 if solver == "gd_armijo" else 0.3)
+                      inner_lr=6.0 if solver in ("gd_armijo", "agd") else 0.3)
     a = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="torch"))
     b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="reference"))
     assert (a.backend, b.backend) == ("torch", "reference")
@@ -86,7 +87,7 @@ def _independent_inner_residual(model, loss_fn, theta, phi, xs, ys, lam):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 @pytest.mark.parametrize("path", ["revrev", "fwdrev", "dense", "first_order", "reference"])
 def test_inner_residual_is_the_gradient_ratio(solver, path):
     """MetaGradient.inner_residual on every path that produces it (where the solver ends
@@ -218,7 +219,7 @@ def test_inner_tol_batched_equals_reference(backend, batching):
 def test_inner_steps_reports_the_fixed_count_without_a_tolerance():
     model = conv_bn()
     xs, ys, xq, yq = class_episode(3, 4, 4, (1, 6, 6), 3)
-    for solver in ("gd", "gd_armijo", "hf"):
+    for solver in ("gd", "gd_armijo", "agd", "hf"):
         for backend in ("torch", "reference"):
             cfg = IMAMLConfig(inner_solver=solver, inner_steps=3, backend=backend)
             r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
@@ -301,7 +302,7 @@ class _SavedTensorMeter:
         return box.t
 
 
-@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "hf"])
+@pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 def test_memory_does_not_grow_with_inner_steps(solver):
     model = conv_bn()
     xs, ys, xq, yq = class_episode(3, 5, 5, (1, 6, 6), 3)

@@ -129,7 +129,7 @@ def test_flags_match_reference():
 def test_meta_gradient_with_triton_backend_matches_torch():
     model = conv_bn().to(DEVICE)
     ep = [t.to(DEVICE) for t in class_episode(3, 4, 5, (1, 6, 6), 3)]
-    for solver in ("gd", "gd_armijo", "hf"):
+    for solver in ("gd", "gd_armijo", "agd", "hf"):
         cfg = IMAMLConfig(inner_solver=solver, inner_steps=2 if solver == "hf" else 3, cg_steps=5)
         a = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="triton"))
         b = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="torch"))

@@ -124,6 +124,41 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
     return phi, g0, config.inner_steps
 
 
+def _inner_agd(fm, loss_of, theta, config):
+    lam, lr = config.lam, float(config.inner_lr)
+
+    def objective(w, loss):
+        d = w - theta
+        return loss + 0.5 * lam * torch.dot(d, d)
+
+    phi, t = theta.clone(), lr
+    if config.inner_steps == 0:
+        return phi, None, 0
+    v, F_phi, g0 = phi, None, None
+    flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
+    for _ in range(config.inner_steps):
+        g, loss = _grad(fm, loss_of, v)
+        Fv, G = objective(v, loss), g + lam * (v - theta)
+        if g0 is None:
+            F_phi, g0 = Fv, G.norm()
+        cand = v - t * G
+        with torch.no_grad():
+            Fc = objective(cand, loss_of(fm.split(cand)))
+        level = abs(Fc - Fv) <= flat * abs(Fv)  # a change lost in rounding: taken
+        armijo = bool(torch.isfinite(Fc)) and bool(Fc <= Fv - ARMIJO_C * t * torch.dot(G, G)
+                                                   or level)
+        if armijo and (Fc <= F_phi or (level and abs(Fc - F_phi) <= flat * abs(F_phi))):
+            step = cand - phi
+            beta = 0.0 if torch.dot(G, step) > 0 else (1 - (lam * t) ** 0.5) / (1 + (lam * t) ** 0.5)
+            phi, F_phi = cand, Fc
+            v = phi + beta * step
+            t = min(t * GD_ARMIJO_GROW, lr)
+        else:  # restart from phi; a failed Armijo test also halves the step
+            v = phi
+            t = t if armijo else 0.5 * t
+    return phi, g0, config.inner_steps
+
+
 def _inner_hf(fm, loss_of, theta, config):
     lam = config.lam
     phi, g0 = theta.clone(), None
@@ -175,7 +210,8 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         def query(params, i=i):
             return fm.loss_params(params, xq[i], yq[i])
 
-        solve = {"gd": _inner_gd, "gd_armijo": _inner_gd_armijo, "hf": _inner_hf}[config.inner_solver]
+        solve = {"gd": _inner_gd, "gd_armijo": _inner_gd_armijo, "agd": _inner_agd,
+                 "hf": _inner_hf}[config.inner_solver]
         phi, g0, k = solve(fm, support, theta, config)
         steps.append(k)
         gq, ql = _grad(fm, query, phi)
