@@ -9,9 +9,12 @@ run's own settings unless named. A share of negative-curvature stops that vanish
 inner steps says that the inner loop stops partway down, in a region of negative curvature,
 rather than at a minimum. --inner-tol adds one row per tolerance (IMAMLConfig.inner_tol,
 capped at the largest K): the steps the tasks took (mean and most) for the same measures.
+--inner-solver compares solvers at each K, by the inner objective each reached (the
+objective gap: how far above the lowest value any row found) as well.
 
     python benchmarks/inner_steps_probe.py RUN_DIR --data-root DATA [--steps 25 100 400]
-        [--inner-tol 0.02 0.005] [--cg-damping 10] [--cg-clip] [--tasks 16] [--json out.json]
+        [--inner-solver gd_armijo agd] [--inner-tol 0.02 0.005] [--float64]
+        [--cg-damping 10] [--cg-clip] [--tasks 16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import time
 import torch
 
 from imaml_fast.cg import CG_NEGATIVE_CURVATURE
+from imaml_fast.config import INNER_SOLVERS
+from imaml_fast.functional import FunctionalModel
 from imaml_fast.implicit import meta_gradient
 from imaml_fast.train import build_sampler, load_run, loss_fn_for
 from peers.common import meta_line, run_meta, write_results
@@ -30,62 +35,82 @@ SAMPLE_SEED = 321  # the meta-batch probed: drawn from its own stream, the same 
 
 
 def probe(run_dir: str, data_root: str, steps, tasks: int, cg_damping=None,
-          cg_clip: bool = False, tols=()) -> tuple:
-    """(rows, settings): one row per K, then one per tolerance."""
+          cg_clip: bool = False, tols=(), solvers=None, dtype=None) -> tuple:
+    """(rows, settings): one row per solver and K, then one per tolerance (gd_armijo)."""
     ckpt, s, model = load_run(f"{run_dir}/checkpoint.pt", data_root)
     xs, ys, xq, yq = build_sampler(s, "train", tasks, seed=SAMPLE_SEED).sample()
+    if dtype is not None:
+        model, xs, xq = model.to(dtype), xs.to(dtype), xq.to(dtype)
+    theta = FunctionalModel(model, loss_fn_for(s)).theta  # the flat layout of adapted_flat
     damping = s.cg_damping if cg_damping is None else cg_damping
     base = s.imaml_config().replace(task_batching="vmap", cg_damping=damping, cg_clip=cg_clip)
+    solvers = solvers or [base.inner_solver]
     cap = max(steps)
-    if tols and base.inner_solver != "gd_armijo":
-        raise SystemExit(f"--inner-tol needs a gd_armijo run; {run_dir} ran {base.inner_solver}")
-    runs = [(k, 0.0) for k in steps] + [(cap, tol) for tol in tols]
-    rows, grads = [], []
-    for k, tol in runs:
+    runs = [(solver, k, 0.0) for solver in solvers for k in steps]
+    runs += [("gd_armijo", cap, tol) for tol in tols]
+    rows, grads, objectives = [], [], []
+    for solver, k, tol in runs:
         t0 = time.perf_counter()
         r = meta_gradient(model, loss_fn_for(s), xs, ys, xq, yq,
-                          base.replace(inner_steps=k, inner_tol=tol))
+                          base.replace(inner_solver=solver, inner_steps=k, inner_tol=tol))
         seconds = time.perf_counter() - t0
         grads.append((r.grads_flat, r.task_grads_flat))
+        # the inner objective F = L + lam/2 ||phi - theta||^2 each task reached
+        d = r.adapted_flat - theta
+        objectives.append(r.inner_loss.double() + 0.5 * s.lam * (d * d).sum(1).double())
         rows.append({
-            "inner_steps": k, "inner_tol": tol, "steps_taken": r.inner_steps.tolist(),
-            "seconds": seconds, "residual": r.inner_residual.tolist(),
-            "support_loss": r.inner_loss.tolist(),
+            "inner_solver": solver, "inner_steps": k, "inner_tol": tol,
+            "steps_taken": r.inner_steps.tolist(), "seconds": seconds,
+            "residual": r.inner_residual.tolist(), "support_loss": r.inner_loss.tolist(),
+            "objective": objectives[-1].tolist(),
             "negative_curvature": float((r.cg_status == CG_NEGATIVE_CURVATURE).double().mean()),
             "clipped": float(r.cg_clipped.double().mean())})
-        print(f"K = {k}{f', inner_tol {tol:g}' if tol else ''}: steps taken mean "
+        print(f"{solver}, K = {k}{f', inner_tol {tol:g}' if tol else ''}: steps taken mean "
               f"{statistics.mean(rows[-1]['steps_taken']):.1f}, residual median "
-              f"{statistics.median(rows[-1]['residual']):.4f}, support loss "
-              f"{statistics.mean(rows[-1]['support_loss']):.4f}, CG stopped on negative "
+              f"{statistics.median(rows[-1]['residual']):.4f}, objective mean "
+              f"{statistics.mean(rows[-1]['objective']):.4g}, CG stopped on negative "
               f"curvature {rows[-1]['negative_curvature']:.0%}, clipped "
               f"{rows[-1]['clipped']:.0%}, {seconds:.1f} s", flush=True)
-    best, best_tasks = grads[steps.index(cap)]
-    for row, (g, tg) in zip(rows, grads):
+    # g*: the meta-gradient of the fully run row (K = the largest) with the lowest objective
+    full = [i for i, (_, k, tol) in enumerate(runs) if k == cap and tol == 0]
+    ref = min(full, key=lambda i: float(objectives[i].mean()))
+    best, best_tasks = grads[ref]
+    lowest = torch.stack(objectives).min(0).values
+    for row, (g, tg), obj in zip(rows, grads, objectives):
         row["grad_error"] = float((g - best).norm() / best.norm())
         row["task_grad_error"] = ((tg - best_tasks).norm(dim=1) / best_tasks.norm(dim=1)).tolist()
+        row["objective_gap"] = (obj - lowest).tolist()
     settings = {"run": run_dir.rstrip("/").split("/")[-1], "step": ckpt["step"],
                 "preset": s.preset, "tasks": tasks, "cg_damping": damping, "cg_clip": cg_clip,
-                "inner_solver": s.inner_solver, "inner_lr": s.inner_lr, "lam": s.lam}
+                "inner_solver": s.inner_solver, "inner_lr": s.inner_lr, "lam": s.lam,
+                "dtype": str(dtype or "the run's").replace("torch.", ""),
+                "reference_row": f"{runs[ref][0]}, K = {runs[ref][1]}"}
     return rows, settings
 
 
 def markdown(meta: dict, rows) -> str:
     s = meta["settings"]
     head = (f"{meta_line(meta)}: run {s['run']} at step {s['step']} ({s['preset']}), one "
-            f"meta-batch of {s['tasks']} training tasks, {s['inner_solver']} at inner lr "
-            f"{s['inner_lr']:g}, lam {s['lam']:g}, cg_damping {s['cg_damping']:g}"
-            f"{', cg_clip' if s['cg_clip'] else ''}. Residual: median over tasks; support "
-            f"loss: mean; meta-gradient error: ||g - g*|| / ||g*||, g* the meta-gradient with "
-            f"the most inner steps, for the mean over tasks and (median) for each task's; seconds: one meta-gradient on this machine.\n\n")
-    lines = ["| inner steps | inner_tol | steps taken (mean / most) | inner residual | support loss "
-             "| CG stopped on negative curvature | clipped | meta-gradient error (mean / tasks) "
-             "| seconds |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            f"meta-batch of {s['tasks']} training tasks, {s['dtype']} arithmetic, run's solver "
+            f"{s['inner_solver']} at inner lr {s['inner_lr']:g}, lam {s['lam']:g}, cg_damping "
+            f"{s['cg_damping']:g}{', cg_clip' if s['cg_clip'] else ''}. Residual: median over "
+            f"tasks; objective gap: median over tasks of F - the lowest F any row reached for "
+            f"that task (F = support loss + lam/2 ||phi - theta||^2); meta-gradient error: "
+            f"||g - g*|| / ||g*||, g* the meta-gradient of {s.get('reference_row', 'the most inner steps')} "
+            f"(the fully run row with the lowest mean F), for the mean over tasks and (median) "
+            f"for each task's; seconds: one meta-gradient on this machine.\n\n")
+    lines = ["| solver | inner steps | inner_tol | steps taken (mean / most) | inner residual "
+             "| objective gap | support loss | CG stopped on negative curvature | clipped "
+             "| meta-gradient error (mean / tasks) | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         taken = r.get("steps_taken") or [r["inner_steps"]]
-        lines.append(f"| {r['inner_steps']} | {r.get('inner_tol', 0.0):g} | "
+        gap = r.get("objective_gap")
+        lines.append(f"| {r.get('inner_solver', s['inner_solver'])} | {r['inner_steps']} | "
+                     f"{r.get('inner_tol', 0.0):g} | "
                      f"{statistics.mean(taken):.1f} / {max(taken)} | "
                      f"{statistics.median(r['residual']):.4f} | "
+                     f"{statistics.median(gap) if gap else float('nan'):.2e} | "
                      f"{statistics.mean(r['support_loss']):.4f} | "
                      f"{r['negative_curvature']:.0%} | {r['clipped']:.0%} | "
                      f"{r.get('grad_error', float('nan')):.2e} / "
@@ -103,11 +128,16 @@ def main(argv=None):
     ap.add_argument("--cg-damping", type=float, default=None, help="default: the run's")
     ap.add_argument("--cg-clip", action="store_true")
     ap.add_argument("--inner-tol", type=float, nargs="*", default=[],
-                    help="tolerances to add, each capped at the largest --steps")
+                    help="gd_armijo tolerances to add, each capped at the largest --steps")
+    ap.add_argument("--inner-solver", nargs="+", choices=INNER_SOLVERS,
+                    help="solvers to compare at each K (default: the run's)")
+    ap.add_argument("--float64", action="store_true",
+                    help="probe in float64 (the model and images converted)")
     ap.add_argument("--json", help="write the raw results here (and a .md beside it)")
     args = ap.parse_args(argv)
     rows, settings = probe(args.run, args.data_root, args.steps, args.tasks, args.cg_damping,
-                           args.cg_clip, args.inner_tol)
+                           args.cg_clip, args.inner_tol, args.inner_solver,
+                           torch.float64 if args.float64 else None)
     meta = run_meta("inner_steps_probe.py", settings)
     md = markdown(meta, rows)
     print(md)
