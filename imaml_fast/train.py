@@ -245,14 +245,60 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     if not s.out:
         raise ValueError("out is required: the run folder for checkpoints and logs")
     rank, world = dist_mod.rank_and_world()
-    main_rank = rank == 0
     out = Path(s.out)
+    _check_run_folder(out, resume)
+    # One training process per run folder: a second (a resume started while the run goes
+    # on) would cut the metrics back to the checkpoint and interleave its own checkpoints.
+    lock = _lock_run_folder(out) if rank == 0 else None
+    try:
+        _check_run_folder(out, resume)  # again: another process may have started it meanwhile
+        return _train(s, resume, stop_after, max_seconds, rank, world, out)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+LOCK_FILE = ".lock"
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
         raise ValueError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue "
                          f"it, or choose another --out")
     if resume and not ckpt_path.exists():
         raise CheckpointError(_NO_CHECKPOINT.format(path=ckpt_path))
+
+
+def _lock_run_folder(out: Path):
+    """An exclusive lock on the run folder (flock on out/.lock, released when the returned
+    file is closed or the process ends), or a ValueError naming the process that holds it.
+    None where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out} is in use by another training process ({holder}): let it "
+                         f"finish or stop it before resuming, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, world: int,
+           out: Path) -> dict:
+    main_rank = rank == 0
+    ckpt_path = out / "checkpoint.pt"
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)

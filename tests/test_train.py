@@ -85,6 +85,30 @@ def test_a_killed_run_loses_only_the_steps_since_the_last_checkpoint(tmp_path, m
     assert steps == list(range(1, 7))
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused_and_left_alone(tmp_path):
+    """A resume started while the run still trains would cut its metrics back to the last
+    checkpoint and interleave checkpoints: the folder's lock refuses it, naming the holder,
+    and changes nothing; once the holder is gone, the resume runs."""
+    import fcntl
+
+    from imaml_fast.train import LOCK_FILE
+
+    run = tmp_path / "run"
+    train(sin_settings(run, steps=4, checkpoint_every=2), stop_after=3)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_FILE}
+    holder = open(run / LOCK_FILE, "a+")  # another open file: flock conflicts like a process
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.seek(0), holder.truncate(), holder.write("pid 4242\n"), holder.flush()
+    with pytest.raises(ValueError, match=r"in use by another training process \(pid 4242\)"):
+        train(sin_settings(run, steps=4, checkpoint_every=2), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_FILE} == before
+    # a new run into a fresh folder is not held up by it
+    train(sin_settings(tmp_path / "other", steps=1))
+    holder.close()
+    train(sin_settings(run, steps=4, checkpoint_every=2), resume=True)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 4
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     train(sin_settings(tmp_path / "run"))
     with pytest.raises(CheckpointError, match=r"another configuration \(lam: checkpoint 2.0, now 3.0"):
