@@ -2,8 +2,20 @@
 
 The Omniglot presets follow the iMAML paper's settings: lam = 2, 5 CG steps, 16 inner steps
 for 5-way and 25 for 20-way, Adam as the outer optimizer. Where the paper is silent we chose,
-and say why here:
+and where measurements said otherwise we departed from it, and say why here:
 
+- lam 0.5 for 5-way 1-shot. With the presets' inner loop (16 gd_armijo steps of at most
+  0.03) the adapted parameters end far from the proximal minimiser: on the preset's
+  meta-parameters after 4,000 steps the inner objective was 0.20 above its minimum, twenty
+  times that minimum, the iterate having fitted the support set and then drifted back
+  towards theta by only 1 - 0.03 lam = 0.94 per step. An inner solver that gets close to the
+  minimiser ("agd", Nesterov momentum) trained far worse at lam 2 (74.57 +- 0.97% on 600
+  meta-test tasks after 1,000 steps against 87.24 +- 0.74%): the proximal term at lam 2 holds
+  the adaptation back, and the paper's numbers at lam 2 rest on the loop stopping early. With
+  lam 0.5 both solvers trained faster from the first 100 steps on, gd_armijo best: 91.45 +-
+  0.59% after 1,000 steps, above lam 2's 90.45% after 2,000 (CPU, 16 tasks, seed 0;
+  benchmarks/results/cpu-epyc-2core/inner_solvers/). The other presets keep lam 2 until
+  measured.
 - inner solver "gd_armijo": the paper's proximal gradient steps (iMAML-GD), each kept only
   where it decreases the task's regularised support loss, a refused step halving that task's
   step size (imaml_fast.inner). With the fixed step ("gd") meta-training sharpens the support
@@ -80,7 +92,8 @@ from __future__ import annotations
 def _omniglot(n_way: int, k_shot: int) -> dict:
     return dict(task="omniglot", n_way=n_way, k_shot=k_shot, q_query=5,
                 tasks=32 if n_way == 5 else 16, steps=30000, inner_solver="gd_armijo",
-                inner_steps=16 if n_way == 5 else 25, inner_lr=0.03, lam=2.0, cg_steps=5,
+                inner_steps=16 if n_way == 5 else 25, inner_lr=0.03,
+                lam=0.5 if (n_way, k_shot) == (5, 1) else 2.0, cg_steps=5,
                 cg_damping=10.0 if n_way == 5 else 50.0, outer_lr=1e-3)
 
 
