@@ -50,7 +50,8 @@ class IMAMLConfig:
         stays the paper's "gd", the algorithm the speed comparisons measure), "agd" (the same
         line search with Nesterov momentum and adaptive restart, the objective never rising:
         one loss evaluation more per step, and on the Omniglot network far closer to the
-        minimiser in the same steps, see imaml_fast.inner.inner_agd) or "hf"
+        minimiser in the same steps, see imaml_fast.inner.inner_agd; at the paper's lam = 2
+        that trained worse, imaml_fast/presets.py says why) or "hf"
         (iMAML-HF: `inner_steps` Hessian-free Newton steps, each solving (H + lam I) d = grad
         with `hf_cg_steps` CG iterations, then a backtracking line search of at most
         `hf_ls_steps` halvings).

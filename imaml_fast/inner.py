@@ -176,12 +176,14 @@ def inner_agd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr:
     momentum does not help the iteration is inner_gd_armijo's. Each iteration: one gradient (at v) and one loss (at c).
 
     Why: F's curvature along the directions the support loss hardly bends is lam alone, where
-    gradient descent contracts by only (1 - t lam) per step (0.94 at the presets' t = 0.03,
-    lam = 2), while the directions the loss bends sharply cap t. Measured on the 5-way 1-shot
-    preset's meta-parameters after 4,000 meta-steps (benchmarks/inner_steps_probe.py, float64,
-    8 training tasks): after 16 steps gd_armijo's F was 0.24 above the lowest F found, 20 times
-    that value, although its inner residual was 1.3%; this solver's was 0.038, and 0.0012
-    after 24 steps (gd_armijo: 0.084). The implicit gradient is the one of the minimiser.
+    gradient descent contracts by only (1 - t lam) per step (0.94 at t = 0.03, lam = 2), while
+    the directions the loss bends sharply cap t. Measured on the 5-way 1-shot run's
+    meta-parameters after 4,000 meta-steps at lam 2 (benchmarks/inner_steps_probe.py, 16
+    training tasks): after 16 steps gd_armijo's F was 0.20 above the lowest F found, twenty
+    times that value, although its inner residual was 1.3%; this solver's was 0.013, and
+    6e-4 after 24 steps (gd_armijo: 0.071; results/cpu-epyc-2core/inner_solvers/). Solving
+    the inner problem better is not training better, though: at lam 2 it trained far worse
+    than gd_armijo's early-stopped loop (imaml_fast/presets.py), at lam 0.5 about as well.
     InnerResult.final_grad stays None: the gradient at phi is not evaluated."""
     T = x.shape[0]
     phi = theta.expand(T, -1).clone()
@@ -201,7 +203,8 @@ def inner_agd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr:
             F_phi, grad0_norm = Fv, GG.sqrt()
         cand = torch.addcmul(v, t.unsqueeze(-1), G, value=-1.0)
         dc = cand - theta
-        Fc = (fm.losses(cand, x, y, strategy) + 0.5 * lam * dot(dc, dc).to(losses.dtype)).to(phi.dtype)
+        Fc = fm.losses(cand, x, y, strategy) + 0.5 * lam * dot(dc, dc).to(losses.dtype)
+        Fc = Fc.to(phi.dtype)
         # where F's change is within its rounding the tests cannot decide: the step is taken
         # (the gradient, still accurate there, chose it), else the solver would stall about
         # sqrt(machine epsilon) from the minimiser
