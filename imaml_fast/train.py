@@ -249,6 +249,7 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     _check_run_folder(out, resume)
     # One training process per run folder: a second (a resume started while the run goes
     # on) would cut the metrics back to the checkpoint and interleave its own checkpoints.
+    created = not out.exists()
     lock = _lock_run_folder(out) if rank == 0 else None
     try:
         _check_run_folder(out, resume)  # again: another process may have started it meanwhile
@@ -256,6 +257,9 @@ def train(s: RunSettings, resume: bool = False, stop_after: Optional[int] = None
     finally:
         if lock is not None:
             lock.close()  # releases the lock
+            if created and os.listdir(out) == [LOCK_FILE]:  # failed before writing anything
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
 
 
 LOCK_FILE = ".lock"
@@ -396,9 +400,9 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
             # inner_steps: the mean steps the inner loops ran (below inner_steps only where
             # inner_tol stopped them)
             last = {"step": step, "inner_loss": sums[0], "inner_residual": sums[4],
-                    "inner_steps": sums[6], "query_loss": sums[1], "cg_iters": sums[2], "cg_negative_curvature": sums[3],
-                    "cg_clipped": sums[5], "tasks_per_s": s.tasks / dt, "seconds": dt,
-                    "skipped": skipped}
+                    "inner_steps": sums[6], "query_loss": sums[1], "cg_iters": sums[2],
+                    "cg_negative_curvature": sums[3], "cg_clipped": sums[5],
+                    "tasks_per_s": s.tasks / dt, "seconds": dt, "skipped": skipped}
             if s.task != "sinusoid":
                 last["accuracy"] = sums[7]
             recent.append((sums[3], sums[4]))
