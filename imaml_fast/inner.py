@@ -173,7 +173,8 @@ def inner_agd(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: int, lr:
     GD_ARMIJO_GROW, at most lr; one that passes Armijo from v but would raise F(phi) keeps t
     and restarts. beta is Nesterov's constant-momentum choice for a lam-strongly convex F with
     curvature at most 1/t. So F(phi) never increases by more than its rounding, and where
-    momentum does not help the iteration is inner_gd_armijo's. Each iteration: one gradient (at v) and one loss (at c).
+    momentum does not help the iteration is inner_gd_armijo's. Each iteration: one gradient
+    (at v) and one loss (at c).
 
     Why: F's curvature along the directions the support loss hardly bends is lam alone, where
     gradient descent contracts by only (1 - t lam) per step (0.94 at t = 0.03, lam = 2), while
