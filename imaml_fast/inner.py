@@ -126,7 +126,7 @@ def inner_gd_armijo(fm: FunctionalModel, theta: torch.Tensor, x, y, *, steps: in
                 out.put(rows[fin], phi[fin], G[fin], k)
                 go = ~fin
                 rows, phi, G, GG, F, t, limit = (v[go] for v in (rows, phi, G, GG, F, t, limit))
-                x, y = x[go.to(x.device)], y[go.to(y.device)]
+                x, y = x[go], y[go]
                 if rows.numel() == 0:
                     break
         # [T, P] passes are a visible share of a CPU step here: fused and in place where safe

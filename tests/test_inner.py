@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _helpers import DT, class_episode, flat_params, mlp, task_loss_fn
+from _helpers import DT, class_episode, flat_params, grad, mlp, task_loss_fn
 from imaml_fast import FunctionalModel
 from imaml_fast.inner import (inner_agd, inner_gd, inner_gd_armijo, inner_hf, prox_update_ref,
                               regularised_loss)
@@ -105,29 +105,35 @@ def test_hf_line_search_never_increases_the_regularised_objective():
         prev = cur
 
 
+def _proximal_objective(f, theta, lam):
+    """(F, w -> (grad F(w), F(w))) for F(w) = f(w) + lam/2 ||w - theta||^2, by autograd."""
+    def objective(w):
+        return f(w) + 0.5 * lam * torch.dot(w - theta, w - theta)
+
+    def grad_and_value(w):
+        w = w.detach().requires_grad_(True)
+        val = objective(w)
+        return torch.autograd.grad(val, w)[0], val.detach()
+
+    return objective, grad_and_value
+
+
 def _armijo_loop(f, theta, steps, lr, lam, tol=0.0, with_steps=False):
     """inner_gd_armijo's rule for one task, on a loss w [P] -> scalar, written out with
     autograd and Python control flow. Returns phi and the accept/reject sequence (and, with
     with_steps, the iterations run: fewer than `steps` where ||grad F|| <= tol ||grad F(theta)||
     stopped it)."""
     flat = 64 * torch.finfo(theta.dtype).eps
-    def objective(w):
-        return f(w) + 0.5 * lam * torch.dot(w - theta, w - theta)
-
-    def grad(w):
-        w = w.detach().requires_grad_(True)
-        val = objective(w)
-        return torch.autograd.grad(val, w)[0], val.detach()
-
+    _, grad_and_value = _proximal_objective(f, theta, lam)
     phi, t, history = theta.clone(), lr, []
-    G, Fv = grad(phi)
+    G, Fv = grad_and_value(phi)
     G0, ran = G.norm(), steps
     for k in range(steps):
         if tol > 0 and G.norm() <= tol * G0:
             ran = k
             break
         cand = phi - t * G
-        Gc, Fc = grad(cand)
+        Gc, Fc = grad_and_value(cand)
         level = abs(Fc - Fv) <= flat * abs(Fv) and Gc.norm() < G.norm()
         if torch.isfinite(Fc) and (Fc <= Fv - 1e-4 * t * torch.dot(G, G) or level):
             phi, G, Fv, t = cand, Gc, Fc, min(1.25 * t, lr)
@@ -218,8 +224,7 @@ def test_gd_armijo_tol_stops_each_task_where_its_own_loop_would():
     assert (resid <= tol).all()
     for i in range(T):
         d = out.phi[i] - theta
-        w = out.phi[i].clone().requires_grad_(True)
-        g = torch.autograd.grad(task_loss_fn(model, F.cross_entropy, xs[i], ys[i])(w), w)[0]
+        g = grad(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), out.phi[i])
         assert torch.allclose(out.final_grad[i], g + lam * d, rtol=1e-10, atol=1e-12)
     # alone, a task gets the same numbers and count as in the batch
     for i in (0, 4):
@@ -251,20 +256,13 @@ def _agd_loop(f, theta, steps, lr, lam):
     """inner_agd's rule for one task, written out with autograd and Python control flow.
     Returns phi and the counts of (accepted steps with momentum kept, restarts after an
     accepted step, steps refused)."""
-    def objective(w):
-        return f(w) + 0.5 * lam * torch.dot(w - theta, w - theta)
-
-    def grad(w):
-        w = w.detach().requires_grad_(True)
-        val = objective(w)
-        return torch.autograd.grad(val, w)[0], val.detach()
-
+    objective, grad_and_value = _proximal_objective(f, theta, lam)
     phi, v, t = theta.clone(), theta.clone(), lr
     F_phi = objective(phi).detach()
     flat = 64 * torch.finfo(theta.dtype).eps
     counts = [0, 0, 0]
     for _ in range(steps):
-        G, Fv = grad(v)
+        G, Fv = grad_and_value(v)
         cand = v - t * G
         Fc = objective(cand).detach()
         level = abs(Fc - Fv) <= flat * abs(Fv)
@@ -304,16 +302,11 @@ def test_agd_matches_an_independent_per_task_loop():
         assert torch.allclose(out.phi[i], phi, rtol=1e-12, atol=1e-13), i
         totals = [a + b for a, b in zip(totals, counts)]
     assert all(totals), totals  # momentum kept, restarted and refused steps all ran
-    g = torch.stack([_grad_at(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), theta)
+    g = torch.stack([grad(task_loss_fn(model, F.cross_entropy, xs[i], ys[i]), theta)
                      for i in range(T)])
     assert torch.allclose(out.grad0_norm, g.norm(dim=1), rtol=1e-12)
     none = inner_agd(fm, fm.theta, xs, ys, steps=0, lr=lr, lam=lam)
     assert none.grad_evals == 0 and torch.equal(none.phi, fm.theta.expand(T, -1))
-
-
-def _grad_at(f, w):
-    w = w.detach().clone().requires_grad_(True)
-    return torch.autograd.grad(f(w), w)[0]
 
 
 def test_agd_reaches_the_minimiser_of_an_ill_conditioned_problem_in_far_fewer_steps():

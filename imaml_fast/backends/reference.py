@@ -84,6 +84,12 @@ def cg_ref(matvec, b, max_iter, tol):
 # Each inner solver returns phi, ||grad L(theta)||, its first gradient's norm (None for
 # K = 0), for the inner residual, and the number of steps it ran.
 
+def _proximal(w, loss, theta, lam):
+    """F(w) = loss + lam/2 ||w - theta||^2, the inner solvers' objective."""
+    d = w - theta
+    return loss + 0.5 * lam * torch.dot(d, d)
+
+
 def _inner_gd(fm, loss_of, theta, config):
     phi, g0 = theta.clone(), None
     for _ in range(config.inner_steps):
@@ -95,10 +101,6 @@ def _inner_gd(fm, loss_of, theta, config):
 
 def _inner_gd_armijo(fm, loss_of, theta, config):
     lam, lr = config.lam, float(config.inner_lr)
-
-    def objective(w, loss):
-        d = w - theta
-        return loss + 0.5 * lam * torch.dot(d, d)
 
     phi, t = theta.clone(), lr
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
@@ -112,7 +114,7 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
             return phi, g0, k  # solved to the tolerance
         cand = phi - t * G
         gc, lc = _grad(fm, loss_of, cand)
-        Fc, Gc = objective(cand, lc), gc + lam * (cand - theta)
+        Fc, Gc = _proximal(cand, lc, theta, lam), gc + lam * (cand - theta)
         GGc = torch.dot(Gc, Gc)
         decrease = Fc <= F - ARMIJO_C * t * GG
         level = abs(Fc - F) <= flat * abs(F) and GGc < GG
@@ -127,10 +129,6 @@ def _inner_gd_armijo(fm, loss_of, theta, config):
 def _inner_agd(fm, loss_of, theta, config):
     lam, lr = config.lam, float(config.inner_lr)
 
-    def objective(w, loss):
-        d = w - theta
-        return loss + 0.5 * lam * torch.dot(d, d)
-
     phi, t = theta.clone(), lr
     if config.inner_steps == 0:
         return phi, None, 0
@@ -138,12 +136,12 @@ def _inner_agd(fm, loss_of, theta, config):
     flat = ARMIJO_FLAT * torch.finfo(phi.dtype).eps
     for _ in range(config.inner_steps):
         g, loss = _grad(fm, loss_of, v)
-        Fv, G = objective(v, loss), g + lam * (v - theta)
+        Fv, G = _proximal(v, loss, theta, lam), g + lam * (v - theta)
         if g0 is None:
             F_phi, g0 = Fv, G.norm()
         cand = v - t * G
         with torch.no_grad():
-            Fc = objective(cand, loss_of(fm.split(cand)))
+            Fc = _proximal(cand, loss_of(fm.split(cand)), theta, lam)
         level = abs(Fc - Fv) <= flat * abs(Fv)  # a change lost in rounding: taken
         armijo = bool(torch.isfinite(Fc)) and bool(Fc <= Fv - ARMIJO_C * t * torch.dot(G, G)
                                                    or level)
@@ -163,15 +161,11 @@ def _inner_hf(fm, loss_of, theta, config):
     lam = config.lam
     phi, g0 = theta.clone(), None
 
-    def objective(w):
-        d = w - theta
-        return loss_of(fm.split(w)) + 0.5 * lam * torch.dot(d, d)
-
     for _ in range(config.inner_steps):
         g, loss = _grad(fm, loss_of, phi)
         G = g + lam * (phi - theta)
         g0 = G.norm() if g0 is None else g0
-        F0 = loss + 0.5 * lam * torch.dot(phi - theta, phi - theta)
+        F0 = _proximal(phi, loss, theta, lam)
         d, _, _, _ = cg_ref(lambda v: hvp_ref(fm, loss_of, phi, v) + lam * v, G,
                             config.hf_cg_steps, config.cg_tol)
         slope = torch.dot(G, d)
@@ -181,7 +175,7 @@ def _inner_hf(fm, loss_of, theta, config):
         for _ in range(config.hf_ls_steps):
             cand = phi - t * d
             with torch.no_grad():
-                Fc = objective(cand)
+                Fc = _proximal(cand, loss_of(fm.split(cand)), theta, lam)
             if torch.isfinite(Fc) and Fc <= F0 - ARMIJO_C * t * slope:
                 phi = cand
                 break
