@@ -126,7 +126,11 @@ def main(argv=None):
     if args.amp != "none":
         variants.append((f"default, amp={args.amp}", base.replace(amp=args.amp)))
     if torch.device(args.device).type == "cuda":
+        # what IMAML runs on a CUDA model; with the presets' line-search solver, and in bf16
         variants.append(("default, CUDA graphs", base))
+        variants.append(("default, gd_armijo, CUDA graphs", base.replace(inner_solver="gd_armijo")))
+        if args.amp != "none":
+            variants.append((f"default, amp={args.amp}, CUDA graphs", base.replace(amp=args.amp)))
     if args.skip_reference:
         variants = variants[1:]
     # Every variant in a process of its own, timed in interleaved rounds (benchmarks/timing.py:

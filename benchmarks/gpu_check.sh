@@ -63,7 +63,7 @@ fi
 
 if want meta; then
 log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
-timeout 180 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
+timeout 240 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
   --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
   || fail "bench_meta_step"; pack
 fi
