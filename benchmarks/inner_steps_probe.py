@@ -10,11 +10,14 @@ inner steps says that the inner loop stops partway down, in a region of negative
 rather than at a minimum. --inner-tol adds one row per tolerance (IMAMLConfig.inner_tol,
 capped at the largest K): the steps the tasks took (mean and most) for the same measures.
 --inner-solver compares solvers at each K, by the inner objective each reached (the
-objective gap: how far above the lowest value any row found) as well.
+objective gap: how far above the lowest value any row found) as well. --first-order adds,
+for each K, the first solver's first-order meta-gradient (cg_steps 0: the query gradient at
+phi), to see whether the implicit term moves the meta-gradient towards the best-solved one;
+the cosine column compares directions (the error mixes direction and length).
 
     python benchmarks/inner_steps_probe.py RUN_DIR --data-root DATA [--steps 25 100 400]
         [--inner-solver gd_armijo agd] [--inner-tol 0.02 0.005] [--float64]
-        [--cg-damping 10] [--cg-clip] [--tasks 16] [--json out.json]
+        [--cg-damping 10] [--cg-clip] [--first-order] [--tasks 16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ SAMPLE_SEED = 321  # the meta-batch probed: drawn from its own stream, the same 
 
 
 def probe(run_dir: str, data_root: str, steps, tasks: int, cg_damping=None,
-          cg_clip: bool = False, tols=(), solvers=None, dtype=None) -> tuple:
-    """(rows, settings): one row per solver and K, then one per tolerance (gd_armijo)."""
+          cg_clip: bool = False, tols=(), solvers=None, dtype=None,
+          first_order: bool = False) -> tuple:
+    """(rows, settings): one row per solver and K, then one per tolerance (gd_armijo), then
+    (first_order) one first-order row per K for the first solver."""
     ckpt, s, model = load_run(f"{run_dir}/checkpoint.pt", data_root)
     xs, ys, xq, yq = build_sampler(s, "train", tasks, seed=SAMPLE_SEED).sample()
     if dtype is not None:
@@ -46,40 +51,54 @@ def probe(run_dir: str, data_root: str, steps, tasks: int, cg_damping=None,
     base = s.imaml_config().replace(task_batching="vmap", cg_damping=damping, cg_clip=cg_clip)
     solvers = solvers or [base.inner_solver]
     cap = max(steps)
-    runs = [(solver, k, 0.0) for solver in solvers for k in steps]
-    runs += [("gd_armijo", cap, tol) for tol in tols]
+    # (solver, K, inner_tol, cg_steps)
+    runs = [(solver, k, 0.0, base.cg_steps) for solver in solvers for k in steps]
+    runs += [("gd_armijo", cap, tol, base.cg_steps) for tol in tols]
+    if first_order:
+        runs += [(solvers[0], k, 0.0, 0) for k in steps]
     rows, grads, objectives = [], [], []
-    for solver, k, tol in runs:
+    for solver, k, tol, cg_steps in runs:
         t0 = time.perf_counter()
         r = meta_gradient(model, loss_fn_for(s), xs, ys, xq, yq,
-                          base.replace(inner_solver=solver, inner_steps=k, inner_tol=tol))
+                          base.replace(inner_solver=solver, inner_steps=k, inner_tol=tol,
+                                       cg_steps=cg_steps))
         seconds = time.perf_counter() - t0
         grads.append((r.grads_flat, r.task_grads_flat))
         # the inner objective F = L + lam/2 ||phi - theta||^2 each task reached
         d = r.adapted_flat - theta
         objectives.append(r.inner_loss.double() + 0.5 * s.lam * (d * d).sum(1).double())
         rows.append({
-            "inner_solver": solver, "inner_steps": k, "inner_tol": tol,
+            "inner_solver": solver, "inner_steps": k, "inner_tol": tol, "cg_steps": cg_steps,
             "steps_taken": r.inner_steps.tolist(), "seconds": seconds,
             "residual": r.inner_residual.tolist(), "support_loss": r.inner_loss.tolist(),
             "objective": objectives[-1].tolist(),
             "negative_curvature": float((r.cg_status == CG_NEGATIVE_CURVATURE).double().mean()),
             "clipped": float(r.cg_clipped.double().mean())})
-        print(f"{solver}, K = {k}{f', inner_tol {tol:g}' if tol else ''}: steps taken mean "
+        print(f"{solver}, K = {k}{f', inner_tol {tol:g}' if tol else ''}"
+              f"{', first-order' if cg_steps == 0 else ''}: steps taken mean "
               f"{statistics.mean(rows[-1]['steps_taken']):.1f}, residual median "
               f"{statistics.median(rows[-1]['residual']):.4f}, objective mean "
               f"{statistics.mean(rows[-1]['objective']):.4g}, CG stopped on negative "
               f"curvature {rows[-1]['negative_curvature']:.0%}, clipped "
               f"{rows[-1]['clipped']:.0%}, {seconds:.1f} s", flush=True)
     # g*: the meta-gradient of the fully run row (K = the largest) with the lowest objective
-    full = [i for i, (_, k, tol) in enumerate(runs) if k == cap and tol == 0]
+    full = [i for i, (_, k, tol, cg) in enumerate(runs) if k == cap and tol == 0 and cg]
     ref = min(full, key=lambda i: float(objectives[i].mean()))
     best, best_tasks = grads[ref]
     lowest = torch.stack(objectives).min(0).values
     for row, (g, tg), obj in zip(rows, grads, objectives):
         row["grad_error"] = float((g - best).norm() / best.norm())
+        row["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g, best, dim=0))
         row["task_grad_error"] = ((tg - best_tasks).norm(dim=1) / best_tasks.norm(dim=1)).tolist()
         row["objective_gap"] = (obj - lowest).tolist()
+    # a first-order row against the implicit one with the same solver and K: what the
+    # implicit term changes in the direction and the length
+    implicit = {(solver, k): i for i, (solver, k, tol, cg) in enumerate(runs) if cg and tol == 0}
+    for i, (solver, k, tol, cg) in enumerate(runs):
+        if cg == 0 and (solver, k) in implicit:
+            g, gi = grads[i][0], grads[implicit[solver, k]][0]
+            rows[i]["cosine_to_implicit"] = float(torch.nn.functional.cosine_similarity(g, gi, dim=0))
+            rows[i]["length_to_implicit"] = float(g.norm() / gi.norm())
     settings = {"run": run_dir.rstrip("/").split("/")[-1], "step": ckpt["step"],
                 "preset": s.preset, "tasks": tasks, "cg_damping": damping, "cg_clip": cg_clip,
                 "inner_solver": s.inner_solver, "inner_lr": s.inner_lr, "lam": s.lam,
@@ -98,15 +117,24 @@ def markdown(meta: dict, rows) -> str:
             f"that task (F = support loss + lam/2 ||phi - theta||^2); meta-gradient error: "
             f"||g - g*|| / ||g*||, g* the meta-gradient of {s.get('reference_row', 'the most inner steps')} "
             f"(the fully run row with the lowest mean F), for the mean over tasks and (median) "
-            f"for each task's; seconds: one meta-gradient on this machine.\n\n")
+            f"for each task's; cosine: of the mean meta-gradient with g*'s; first-order rows: "
+            f"the cosine and length ratio of their mean meta-gradient to the implicit one with "
+            f"the same solver and K; seconds: one meta-gradient on this machine.\n\n")
     lines = ["| solver | inner steps | inner_tol | steps taken (mean / most) | inner residual "
              "| objective gap | support loss | CG stopped on negative curvature | clipped "
-             "| meta-gradient error (mean / tasks) | seconds |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| meta-gradient error (mean / tasks) | cosine to g* | first-order: cosine / length "
+             "to implicit | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for r in rows:
         taken = r.get("steps_taken") or [r["inner_steps"]]
         gap = r.get("objective_gap")
-        lines.append(f"| {r.get('inner_solver', s['inner_solver'])} | {r['inner_steps']} | "
+        solver = r.get('inner_solver', s['inner_solver'])
+        if r.get("cg_steps") == 0:
+            solver += ", first-order"
+        versus = (f"{r['cosine_to_implicit']:.3f} / {r['length_to_implicit']:.2f}"
+                  if "cosine_to_implicit" in r else "")
+        lines.append(f"| {solver} | {r['inner_steps']} | "
                      f"{r.get('inner_tol', 0.0):g} | "
                      f"{statistics.mean(taken):.1f} / {max(taken)} | "
                      f"{statistics.median(r['residual']):.4f} | "
@@ -115,6 +143,7 @@ def markdown(meta: dict, rows) -> str:
                      f"{r['negative_curvature']:.0%} | {r['clipped']:.0%} | "
                      f"{r.get('grad_error', float('nan')):.2e} / "
                      f"{statistics.median(r.get('task_grad_error', [float('nan')])):.2e} | "
+                     f"{r.get('grad_cosine', float('nan')):.3f} | {versus} | "
                      f"{r.get('seconds', float('nan')):.1f} |")
     return head + "\n".join(lines) + "\n"
 
@@ -133,11 +162,13 @@ def main(argv=None):
                     help="solvers to compare at each K (default: the run's)")
     ap.add_argument("--float64", action="store_true",
                     help="probe in float64 (the model and images converted)")
+    ap.add_argument("--first-order", action="store_true",
+                    help="add the first solver's first-order meta-gradient (cg_steps 0) at each K")
     ap.add_argument("--json", help="write the raw results here (and a .md beside it)")
     args = ap.parse_args(argv)
     rows, settings = probe(args.run, args.data_root, args.steps, args.tasks, args.cg_damping,
                            args.cg_clip, args.inner_tol, args.inner_solver,
-                           torch.float64 if args.float64 else None)
+                           torch.float64 if args.float64 else None, args.first_order)
     meta = run_meta("inner_steps_probe.py", settings)
     md = markdown(meta, rows)
     print(md)
