@@ -23,8 +23,10 @@ why here (every measurement before the lam item's was made at lam 2):
   agd at lam 0.5 trained about as well as gd_armijo (90.07 +- 0.66% after 1,000 5-way steps),
   at one loss evaluation more per step, so gd_armijo stays.
   Over 400 5-way 1-shot steps smaller was better (training accuracy over steps 301-400: lam
-  2 84.3%, 1 88.1%, 0.5 88.7%, 0.25 89.1%); 0.5 is kept because the proximal term is what
-  keeps the implicit system well posed, and a still smaller lam is untested over long runs.
+  2 84.3%, 1 88.1%, 0.5 88.7%, 0.25 89.1%), but over 2,000 steps lam 0.25 was level with
+  0.5 (92.12 +- 0.59% and 94.29 +- 0.50% after 1,000 and 2,000 steps, against 91.45% and
+  94.06%); 0.5 is kept because the proximal term is what keeps the implicit system well
+  posed.
 - inner solver "gd_armijo": the paper's proximal gradient steps (iMAML-GD), each kept only
   where it decreases the task's regularised support loss, a refused step halving that task's
   step size (imaml_fast.inner). With the fixed step ("gd") meta-training sharpens the support
@@ -57,7 +59,16 @@ why here (every measurement before the lam item's was made at lam 2):
   at initialisation it changes nothing that CG reports (no task stops on negative curvature
   with or without it, on real 5-way 1-shot episodes); it is kept because the Omniglot runs
   measured so far used it. --cg-damping 0 gives the paper's operator exactly; the two have
-  not been compared over a full run.
+  not been compared over a full run. What the damping does where the presets' inner loops
+  end (benchmarks/inner_steps_probe.py --first-order on trained checkpoints): H is small
+  against cg_damping I there, and the 5 CG steps return the first-order meta-gradient (the
+  query gradient at phi) divided by 1 + cg_damping / lam, to cosine 0.997-1.000 (5-way at
+  lam 0.5 and 2, 20-way with cg_damping 50). Adam ignores that constant scale, so the
+  presets train as first-order runs (cg_steps 0) do, which measured level with them (5-way
+  91.55% against 91.45% after 1,000 steps, 20-way 74.40% against 75.36% after 500). The
+  presets keep the implicit solve: it is the method this library implements, and it costs
+  nothing in accuracy; `--cg-steps 0` is the faster choice at these settings.
+  benchmarks/results/cpu-epyc-2core/inner_solvers/ (section 5) has the figures.
 - 20-way: cg_damping 50. With the fixed-step inner loop no setting trained 20-way 1-shot
   (query accuracy after adaptation peaked at 42-53% and fell back to about 40%, while most
   tasks' CG began to stop on negative curvature; first-order meta-gradients kept learning,
