@@ -58,6 +58,9 @@ class MetaGradient:
     # [T] long: the inner steps each task ran (config.inner_steps unless config.inner_tol
     # stopped it earlier)
     inner_steps: Optional[torch.Tensor] = None
+    # [T] cosine between each task's meta-gradient and its first-order one (the query
+    # gradient at phi_i): 1 where the implicit term only rescales it; see first_order_cosine()
+    first_order_cosine: Optional[torch.Tensor] = None
 
 
 def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
@@ -75,6 +78,24 @@ def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
         return torch.where(num > 0, torch.ones_like(num), torch.zeros_like(num))
     den = grad0_norm.to(num.dtype)
     return torch.where(num > 0, num / den, torch.zeros_like(num))
+
+
+def first_order_cosine(g: torch.Tensor, gq: torch.Tensor, dot=batched_dot) -> torch.Tensor:
+    """cos(g_i, gq_i) per task for the meta-gradients g [T, P] and the query gradients gq at
+    phi_i (the first-order meta-gradients); 1 where gq_i = 0 (then g_i = 0: nothing to turn),
+    0 where g_i = 0 alone (CG stopped before its first finite iterate).
+
+    What it is for: the implicit term (I + (H + cg_damping I) / lam)^-1 can turn the
+    first-order gradient or only shrink it. At the Omniglot presets' settings it only shrinks
+    it, by 1 + cg_damping / lam, to cosine 0.997-1.000 (benchmarks/inner_steps_probe.py
+    --first-order on trained checkpoints): H is small against cg_damping I where 16-25 inner
+    steps end, and Adam ignores a constant scale, so those runs train as first-order ones do.
+    Logged per step by `imaml-fast train` (metrics.jsonl), this says whether the Hessian term
+    is doing anything in a given run."""
+    gg, qq = dot(g, g), dot(gq, gq)
+    den = (gg * qq).sqrt()
+    return torch.where(den > 0, dot(g, gq) / den,
+                       torch.where(qq > 0, torch.zeros_like(den), torch.ones_like(den)))
 
 
 def clip_to_minimiser_bound(g: torch.Tensor, b: torch.Tensor, margin: float, dot=batched_dot):
@@ -216,6 +237,7 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         if grad_F is None:
             grad_F = support_grad.to(phi.dtype) + config.lam * (phi - theta)
         residual = inner_residual(grad_F, inner.grad0_norm, dot)
+        cosine = first_order_cosine(task_flat, gq, dot)
         grads_flat = task_flat.mean(0)
     return MetaGradient(
         grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
@@ -226,4 +248,4 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         backend=backend.name, hvp=hvp_mode, task_batching=strategy,
         evals={"grad": inner.grad_evals + 1 + extra_grad, "hvp": inner.hvp_evals + hvp_calls,
                "loss": inner.loss_evals}, query_outputs=query_outputs,
-        inner_steps=inner.steps_taken)
+        inner_steps=inner.steps_taken, first_order_cosine=cosine)

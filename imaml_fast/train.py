@@ -378,7 +378,7 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
             parts = [r.inner_loss.sum(), r.query_loss.sum(), r.cg_iters.sum().to(ftype),
                      (r.cg_status == CG_NEGATIVE_CURVATURE).sum().to(ftype),
                      r.inner_residual.sum().to(ftype), r.cg_clipped.sum().to(ftype),
-                     r.inner_steps.sum().to(ftype)]
+                     r.inner_steps.sum().to(ftype), r.first_order_cosine.sum().to(ftype)]
             if s.task != "sinusoid":  # the query MSE is the query loss itself
                 # the query outputs of the meta-gradient's own forward pass: no second one
                 parts.append(task_metric(s, learner, r.adapted, xq, yq, r.query_outputs)
@@ -398,13 +398,16 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
             # such a task is its last CG iterate, a cruder solve)
             # inner_residual: the mean over tasks of ||grad F(phi)|| / ||grad F(theta)||;
             # inner_steps: the mean steps the inner loops ran (below inner_steps only where
-            # inner_tol stopped them)
+            # inner_tol stopped them); first_order_cosine: the mean over tasks of the cosine
+            # between each task's meta-gradient and its query gradient at phi (1: the
+            # implicit term only rescales)
             last = {"step": step, "inner_loss": sums[0], "inner_residual": sums[4],
-                    "inner_steps": sums[6], "query_loss": sums[1], "cg_iters": sums[2],
+                    "inner_steps": sums[6], "first_order_cosine": sums[7],
+                    "query_loss": sums[1], "cg_iters": sums[2],
                     "cg_negative_curvature": sums[3], "cg_clipped": sums[5],
                     "tasks_per_s": s.tasks / dt, "seconds": dt, "skipped": skipped}
             if s.task != "sinusoid":
-                last["accuracy"] = sums[7]
+                last["accuracy"] = sums[8]
             recent.append((sums[3], sums[4]))
             if main_rank and len(recent) == CURVATURE_WINDOW:
                 _warn_once(warned, recent, bar)
@@ -414,7 +417,7 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k not in (
                     "step", "seconds", "cg_iters", "cg_negative_curvature", "inner_residual",
-                    "inner_steps", "cg_clipped")})
+                    "inner_steps", "cg_clipped", "first_order_cosine")})
             stopping = (stop_after is not None and step - start >= stop_after) or timed_out
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 checkpoint(step)

@@ -36,6 +36,7 @@ class MetaStepStats:
             "inner_loss": r.inner_loss.mean().item(),
             "inner_residual": r.inner_residual.mean().item(),
             "inner_steps": r.inner_steps.float().mean().item(),
+            "first_order_cosine": r.first_order_cosine.float().mean().item(),
             "query_loss": r.query_loss.mean().item(),
             "cg_iters": r.cg_iters.float().mean().item(),
             "cg_residual": r.cg_residual.max().item(),

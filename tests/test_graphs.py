@@ -32,7 +32,8 @@ def test_captured_pipeline_makes_no_host_sync(solver, hvp, clip):
                       cg_damping=10.0 if clip else 0.0)
     r = meta_gradient_flat(fm, xs, ys, xs, ys, cfg, validate_values=False)
     assert r.grads_flat.shape == (fm.num_params,) and r.task_grads_flat.shape == (3, fm.num_params)
-    assert r.cg_status.shape == r.cg_clipped.shape == r.inner_residual.shape == (3,)
+    assert (r.cg_status.shape == r.cg_clipped.shape == r.inner_residual.shape
+            == r.first_order_cosine.shape == (3,))
     with pytest.raises(Exception):  # the device really refuses host reads
         bool(r.cg_status.sum() > 0)
 
@@ -194,6 +195,8 @@ def test_replay_equals_uncaptured_for_new_data(solver, mode, extra, tol):
         torch.testing.assert_close(b.grads_flat, a.grads_flat, rtol=tol, atol=tol / 10)
         torch.testing.assert_close(b.adapted_flat, a.adapted_flat, rtol=tol, atol=tol / 10)
         torch.testing.assert_close(b.inner_residual, a.inner_residual, rtol=tol, atol=tol / 10)
+        torch.testing.assert_close(b.first_order_cosine, a.first_order_cosine, rtol=tol,
+                                   atol=tol / 10)
         assert torch.equal(b.cg_status, a.cg_status) and torch.equal(b.cg_clipped, a.cg_clipped)
         assert torch.equal(b.inner_steps, a.inner_steps)
     assert graphed._graphed.captures == 1 and graphed._graphed.replays == 3

@@ -73,7 +73,7 @@ def test_batched_equals_reference(T, solver, hvp, batching):
     b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg.replace(backend="reference"))
     assert (a.backend, b.backend) == ("torch", "reference")
     for field in ("grads_flat", "task_grads_flat", "adapted_flat", "inner_loss", "query_loss",
-                  "cg_residual", "inner_residual"):
+                  "cg_residual", "inner_residual", "first_order_cosine"):
         assert rel_err(getattr(a, field), getattr(b, field)) <= 1e-10, field
     assert torch.equal(a.cg_iters, b.cg_iters) and torch.equal(a.cg_status, b.cg_status)
 
@@ -246,6 +246,48 @@ def test_explicit_params_override_the_models():
             p.add_(0.5)
     b = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, IMAMLConfig(inner_steps=2))
     assert torch.equal(a.grads_flat, b.grads_flat)
+
+
+@pytest.mark.parametrize("path", ["revrev", "fwdrev", "dense", "reference", "first_order"])
+def test_first_order_cosine_is_the_angle_to_the_query_gradient(path):
+    """MetaGradient.first_order_cosine = cos(g_i, grad L_query(phi_i)), against the exact
+    implicit gradient (materialised Hessians, linalg.solve) and autograd's query gradient.
+    Undamped with a small lam the Hessian turns the gradient (cosines well below 1); with a
+    large cg_damping the operator is nearly a multiple of I and the cosines approach 1."""
+    model = mlp()
+    xs, ys, xq, yq = class_episode(4, 6, 4, (3,), 2)
+    P = sum(p.numel() for p in model.parameters())
+    for damping, lam in ((0.0, 0.5), (1e4, 2.0)):
+        cfg = IMAMLConfig(inner_steps=5, inner_lr=0.1, lam=lam, cg_damping=damping, cg_steps=P,
+                          cg_tol=1e-13, hvp="fwdrev" if path == "fwdrev" else "revrev",
+                          cg_dense="always" if path == "dense" else "never",
+                          backend="reference" if path == "reference" else "torch")
+        if path == "first_order":
+            cfg = cfg.replace(cg_steps=0)
+        r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+        assert path == "first_order" or (r.cg_status == CG_CONVERGED).all()
+        gq = torch.stack([grad(task_loss_fn(model, F.cross_entropy, xq[i], yq[i]),
+                               r.adapted_flat[i]) for i in range(4)])
+        g = gq if path == "first_order" else exact_implicit(
+            model, F.cross_entropy, r.adapted_flat, xs, ys, xq, yq, lam, damping)
+        expected = F.cosine_similarity(g, gq, dim=1)
+        assert r.first_order_cosine.shape == (4,) and r.first_order_cosine.dtype == DT
+        assert (r.first_order_cosine - expected).abs().max() <= 1e-6
+        if path == "first_order" or damping:
+            assert (1 - r.first_order_cosine).abs().max() <= 1e-4
+        else:
+            assert r.first_order_cosine.min() < 0.99  # the Hessian term turned them
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_first_order_cosine_is_one_for_a_flat_query_loss(backend):
+    """A loss with zero gradient gives g_i = 0 = gq_i: nothing is turned (1, not 0/0)."""
+    model = mlp()
+    xs, ys, xq, yq = class_episode(3, 4, 4, (3,), 2)
+    r = meta_gradient(model, lambda out, y: F.cross_entropy(out, y) * 0.0, xs, ys, xq, yq,
+                      IMAMLConfig(inner_steps=2, backend=backend))
+    assert torch.equal(r.task_grads_flat, torch.zeros_like(r.task_grads_flat))
+    assert torch.equal(r.first_order_cosine, torch.ones(3, dtype=DT))
 
 
 def test_zero_cg_steps_is_the_first_order_gradient():

@@ -193,12 +193,13 @@ def test_metrics_log_the_share_of_tasks_stopped_by_negative_curvature(tmp_path, 
     and cg_iters the mean iterations, as the meta-steps' own results say."""
     from imaml_fast.cg import CG_NEGATIVE_CURVATURE
 
-    real, seen = IMAML.meta_step, []
+    real, seen, cosines = IMAML.meta_step, [], []
 
     def recording(self, *a):
         stats = real(self, *a)
         seen.append((stats.result.cg_status.clone(), stats.result.cg_iters.clone(),
                      stats.result.inner_residual.clone()))
+        cosines.append(stats.result.first_order_cosine.double().mean().item())
         return stats
 
     monkeypatch.setattr(IMAML, "meta_step", recording)
@@ -213,6 +214,9 @@ def test_metrics_log_the_share_of_tasks_stopped_by_negative_curvature(tmp_path, 
         [r.double().mean().item() for _, _, r in seen], rel=1e-6)
     assert all(0 < l["inner_residual"] < 1 for l in lines)
     assert 0 < sum(shares) < len(shares)  # some tasks stopped early, not all
+    # undamped, the implicit term turns these tasks' gradients: the mean cosine is below 1
+    assert [l["first_order_cosine"] for l in lines] == pytest.approx(cosines, rel=1e-6)
+    assert all(-1 <= c < 0.999 for c in cosines)
 
 
 def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tmp_path, monkeypatch):

@@ -195,7 +195,7 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
 
     T = xs.shape[0]
     phis, gs, iters, resid, status, inner_loss, query_loss = [], [], [], [], [], [], []
-    inner_res, clipped, steps = [], [], []
+    inner_res, clipped, steps, cosines = [], [], [], []
     shift, scale = operator
     for i in range(T):
         def support(params, i=i):
@@ -227,6 +227,10 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
             clip = bool(x.norm() > bound)
             x = x * (bound / x.norm()) if clip else x
         clipped.append(clip)
+        # cos(g_i, gq_i), spelled out: 1 where gq_i = 0, 0 where only g_i is
+        nx, nq = x.norm(), gq.norm()
+        cosines.append(torch.dot(x, gq) / (nx * nq) if nx * nq > 0
+                       else (gq.new_tensor(0.0) if nq > 0 else gq.new_tensor(1.0)))
         phis.append(phi)
         gs.append(x)
         iters.append(it)
@@ -247,4 +251,5 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         query_loss=torch.stack(query_loss),
         grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
         backend="reference", hvp="revrev", task_batching="loop", evals={},
-        inner_steps=torch.tensor(steps, dtype=torch.long, device=dev))
+        inner_steps=torch.tensor(steps, dtype=torch.long, device=dev),
+        first_order_cosine=torch.stack(cosines).detach())
