@@ -410,7 +410,7 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
                 last["accuracy"] = sums[8]
             recent.append((sums[3], sums[4]))
             if main_rank and len(recent) == CURVATURE_WINDOW:
-                _warn_once(warned, recent, bar)
+                _warn_once(warned, recent, bar, s)
             log.write(json.dumps(last) + "\n")
             log.flush()  # a line per step, readable while the run goes on
             if bar is not None:
@@ -434,14 +434,25 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
             "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped}
 
 
-def _fixes(*more: str) -> str:
-    """What the training warnings suggest, `more` inserted after the inner solver."""
-    return ", ".join(("--inner-solver gd_armijo (a line search that keeps the inner loop "
-                      "convergent)",) + more + ("a smaller --inner-lr with more --inner-steps",)
-                     ) + ", or --cg-steps 0 (first-order)"
+def _fixes(s: RunSettings, damping: bool = False) -> str:
+    """What the training warnings suggest for run settings s: only what the run does not do
+    already (the line search where it runs the fixed step, first-order meta-gradients where
+    it solves the implicit system), with the current values named. damping: suggest a
+    larger cg_damping too."""
+    fixes = []
+    if s.inner_solver == "gd":
+        fixes.append("--inner-solver gd_armijo (a line search that keeps the inner loop "
+                     "convergent)")
+    if damping:
+        fixes.append(f"a larger --cg-damping (now {s.cg_damping:g})")
+    fixes.append(f"a smaller --inner-lr (now {s.inner_lr:g}) with more --inner-steps "
+                 f"(now {s.inner_steps})")
+    if s.cg_steps > 0:
+        fixes.append("--cg-steps 0 (first-order)")
+    return ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
 
 
-def _warn_once(warned: set, recent, bar) -> None:
+def _warn_once(warned: set, recent, bar, s: RunSettings) -> None:
     """Warn (once per kind and run) when, over the last CURVATURE_WINDOW meta-steps, the inner
     loops ended far from their minimisers, or most tasks' CG stopped on negative curvature;
     on a line of its own beside the progress bar (if any)."""
@@ -454,7 +465,7 @@ def _warn_once(warned: set, recent, bar) -> None:
             f"in the last {len(recent)} meta-steps the inner loop ended with a gradient "
             f"{residual:.3g} times the size of its first on average (metrics.jsonl: "
             f"inner_residual): the inner problems are far from solved, and the implicit "
-            f"gradient, which assumes they are, misleads; try " + _fixes())
+            f"gradient, which assumes they are, misleads; try " + _fixes(s))
     if "curvature" not in warned and share > 0.5:
         warned.add("curvature")
         messages.append(
@@ -462,7 +473,7 @@ def _warn_once(warned: set, recent, bar) -> None:
             f"negative curvature (metrics.jsonl: cg_negative_curvature): their inner loops end "
             f"far from a minimum, and their meta-gradients, CG iterates that grew before the "
             f"stop, can dominate the mean and stall training; try "
-            + _fixes("a larger --cg-damping"))
+            + _fixes(s, damping=True))
     if not messages:
         return
     if bar is not None:

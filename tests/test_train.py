@@ -252,8 +252,10 @@ def test_a_run_whose_tasks_keep_stopping_on_negative_curvature_is_warned_once(tm
     msgs = [str(c.message) for c in caught if "negative curvature" in str(c.message)]
     # steps 4 .. 25 all flagged: the first full window (steps 1-20) is 17/20 flagged, and the
     # warning comes once, not at every later step
-    assert len(msgs) == 1 and "--cg-damping" in msgs[0] and "--inner-lr" in msgs[0]
-    assert "--inner-solver gd_armijo" in msgs[0]
+    assert len(msgs) == 1 and "a larger --cg-damping (now 10)" in msgs[0]
+    assert "--inner-lr (now 0.02)" in msgs[0] and "--cg-steps 0" in msgs[0]
+    # the preset already runs the line search: not suggested again
+    assert "--inner-solver" not in msgs[0]
 
 
 def test_metrics_log_the_share_of_clipped_tasks(tmp_path, monkeypatch):
@@ -297,6 +299,18 @@ def test_metrics_log_the_mean_inner_steps_that_inner_tol_left(tmp_path, monkeypa
     assert [l["inner_steps"] for l in lines] == [7.0, 7.0]
 
 
+def test_warnings_suggest_only_what_the_run_does_not_do_already(tmp_path):
+    from imaml_fast.train import _fixes
+
+    gd = sin_settings(tmp_path, inner_solver="gd", inner_lr=0.1, inner_steps=5, cg_damping=0.0)
+    assert _fixes(gd, damping=True) == (
+        "--inner-solver gd_armijo (a line search that keeps the inner loop convergent), a "
+        "larger --cg-damping (now 0), a smaller --inner-lr (now 0.1) with more --inner-steps "
+        "(now 5), or --cg-steps 0 (first-order)")
+    first_order = sin_settings(tmp_path, cg_steps=0, inner_lr=0.02, inner_steps=10)
+    assert _fixes(first_order) == "a smaller --inner-lr (now 0.02) with more --inner-steps (now 10)"
+
+
 def test_a_run_whose_inner_loops_end_far_from_solved_is_warned_once(tmp_path, monkeypatch):
     """The inner-residual warning: quiet for the sinusoid preset's own inner loop; once, naming
     the fix, when the window's mean residual exceeds INNER_RESIDUAL_WARN (here from step 4
@@ -329,7 +343,8 @@ def test_a_run_whose_inner_loops_end_far_from_solved_is_warned_once(tmp_path, mo
         train(sin_settings(tmp_path / "stalls", steps=steps, checkpoint_every=steps,
                            inner_steps=10))
     msgs = [str(c.message) for c in caught if "inner_residual" in str(c.message)]
-    assert len(msgs) == 1 and "--inner-solver gd_armijo" in msgs[0] and "--inner-lr" in msgs[0]
+    assert len(msgs) == 1 and "--inner-lr (now 0.02) with more --inner-steps (now 10)" in msgs[0]
+    assert "--inner-solver" not in msgs[0] and "--cg-damping" not in msgs[0]
     lines = [json.loads(l) for l in (tmp_path / "stalls" / "metrics.jsonl").read_text().splitlines()]
     assert [l["inner_residual"] for l in lines[3:]] == [2.0] * (steps - 3)
     assert not [c for c in caught if "negative curvature" in str(c.message)]
