@@ -72,11 +72,12 @@ why here (every measurement before the lam item's was made at lam 2):
   damping at lam 0.5 (section 6 there) the Hessian term turned the gradient (mean per-task
   cosine 0.86-0.90) and paid on 20-way 1-shot: 82.57 +- 0.43% after 1,000 steps against
   80.90 +- 0.43% with cg_damping 50, CG meeting negative curvature in one task of 16 on 17
-  steps of 1,000; on 5-way it failed from the start (a fifth to two fifths of the tasks'
-  CG stopped on negative curvature; 78.85 +- 0.97% against 91.45 +- 0.59%). The presets keep
-  the damping: one seed and 1,000 of 30,000 steps do not justify an operator with that
-  failure mode, and cg_damping cannot change on --resume; a long 20-way run at
-  --cg-damping 0 would settle it.
+  steps of 1,000 (a second seed: 76.53% against 75.00% after 500 steps); on 5-way it
+  failed from the start (a fifth to two fifths of the tasks' CG stopped on negative
+  curvature; 78.85 +- 0.97% against 91.45 +- 0.59%). The presets keep the damping: two
+  seeds and at most 1,000 of 30,000 steps do not justify an operator with that failure
+  mode, and cg_damping cannot change on --resume; a long 20-way run at --cg-damping 0
+  would settle it.
 - 20-way: cg_damping 50. With the fixed-step inner loop no setting trained 20-way 1-shot
   (query accuracy after adaptation peaked at 42-53% and fell back to about 40%, while most
   tasks' CG began to stop on negative curvature; first-order meta-gradients kept learning,
