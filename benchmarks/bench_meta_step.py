@@ -8,6 +8,9 @@ round), tasks per second, and the ratio measured in this one run; --json writes 
 numbers.
 
     python benchmarks/bench_meta_step.py [--tasks 32] [--repeats 5] [--device cpu] [--json out.json]
+                                         [--malloc keep|default]
+Every variant runs with the CPU allocator setting `imaml-fast train` uses (--malloc keep,
+benchmarks/timing.py) unless --malloc default.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 import imaml_fast
 from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast.models import omniglot_conv
-from timing import sync, time_in_processes  # benchmarks/timing.py
+from timing import MALLOC_CHOICES, sync, time_in_processes  # benchmarks/timing.py
 
 
 def episode(T, n_way, shots, queries, device):
@@ -99,6 +102,9 @@ def main(argv=None):
                     help="also time the default with this autocast dtype")
     ap.add_argument("--skip-reference", action="store_true",
                     help="leave out the sequential reference (ratios then use the first row)")
+    ap.add_argument("--malloc", default="keep", choices=MALLOC_CHOICES,
+                    help="every variant's CPU allocator: keep (keep_freed_cpu_memory(), as "
+                         "imaml-fast train runs) or glibc's default (benchmarks/timing.py)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -138,7 +144,7 @@ def main(argv=None):
     factories = {name: (_variant, (vars(args), name, cfg)) for name, cfg in variants}
     times, infos = time_in_processes(factories, args.repeats,
                                      threads=torch.get_num_threads(), device=args.device,
-                                     log=lambda m: None)
+                                     log=lambda m: None, malloc=args.malloc)
     rows = []
     for name in times:
         med = statistics.median(times[name])
@@ -172,7 +178,8 @@ def markdown_table(meta, rows):
     where = meta.get("gpu") or f"{meta['cpu']} CPU, {meta['threads']} threads"
     head = (f"{where}, torch {meta['torch']}, {meta['date']}: omniglot network, "
             f"{s['n_way']}-way {s['shots']}-shot, T = {s['tasks']}, {s['inner_steps']} inner steps, "
-            f"{s['cg_steps']} CG steps, median of {s['repeats']} interleaved rounds after warm-up\n\n")
+            f"{s['cg_steps']} CG steps, median of {s['repeats']} interleaved rounds after warm-up, "
+            f"CPU allocator: {s.get('malloc', 'default')}\n\n")
     lines = [f"| variant | s / meta-step | tasks / s | vs {rows[0]['variant']} | ran as |",
              "| --- | ---: | ---: | ---: | --- |"]
     for r in rows:

@@ -7,7 +7,9 @@ Every implementation runs the same tasks from the same meta-parameters. Before t
 one's meta-gradient (from its warm-up call) is compared with imaml_fast's default and
 reference; then all are timed in interleaved rounds (one call of each per round, so a slow
 spell of this shared machine hits all alike) and the median is reported, with the ratio of
-each implementation's time to imaml_fast's default measured in the same run.
+each implementation's time to imaml_fast's default measured in the same run. Every timed
+process runs with the CPU allocator setting `imaml-fast train` uses (--malloc keep,
+benchmarks/timing.py), peers and reference included; --malloc default leaves glibc's.
 
 The other figures have their own scripts, also reachable from here:
     python benchmarks/compare.py [speed] [--repeats 3] [--settings omniglot-5w1s omniglot-20w1s]
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from floor import floor_passes, model_floor  # noqa: E402
-from timing import sync, time_in_processes  # noqa: E402
+from timing import MALLOC_CHOICES, sync, time_in_processes  # noqa: E402
 from peers import DEFAULT, UNCAPTURED, implementations  # noqa: E402
 from peers.common import (RESULTS_DIR, bullet_list, Settings, median, meta_line, omniglot_episode,  # noqa: E402
                           pyplot, rel_diff, results_dir, run_meta, save_figure, write_json,
@@ -143,7 +145,8 @@ def _timed_floor(n_way, T, s, device="cpu"):
     return floor_passes(model, ep, s.inner_steps, s.cg_steps)
 
 
-def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="cpu"):
+def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="cpu",
+                malloc="keep"):
     n_way, steps = SETTINGS[name]
     s = Settings(inner_steps=steps, inner_lr=0.1, lam=2.0, cg_steps=5)
     model, ep = _setting_inputs(n_way, T, device)
@@ -179,7 +182,7 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="c
     factories = {n: (_timed_impl, (n, n_way, T, s, device)) for n in impls}
     factories[FLOOR] = (_timed_floor, (n_way, T, s, device))
     times, ran_as = time_in_processes(factories, repeats, threads=torch.get_num_threads(),
-                                      device=device, log=log)
+                                      device=device, log=log, malloc=malloc)
     for n in [n for n in impls if n not in times]:  # failed in its process: reported above
         impls.pop(n)
     t_def = median(times[DEFAULT]) if DEFAULT in times else None
@@ -215,7 +218,8 @@ def speed_markdown(payload):
     out = [f"### Seconds per meta-step\n\n{meta_line(meta)}{tf32}; median of "
            f"{meta['settings']['repeats']} interleaved rounds after a warm-up; random data, "
            f"authors' Omniglot network, T = {meta['settings']['tasks']}, 1 support + 1 query "
-           f"example per class, lam = 2, inner lr 0.1, 5 CG steps.\n"]
+           f"example per class, lam = 2, inner lr 0.1, 5 CG steps; CPU allocator in every timed "
+           f"process: {meta['settings'].get('malloc', 'default')} (benchmarks/timing.py).\n"]
     for res in payload["results"]:
         out.append(f"\n**{res['setting']}** ({res['n_way']}-way 1-shot, "
                    f"{res['settings']['inner_steps']} inner steps)\n")
@@ -319,6 +323,9 @@ def speed_main(argv=None):
     ap.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                     help="on a GPU: TF32 for convolutions and matmuls (default: torch's own "
                          "defaults, cuDNN convolutions in TF32)")
+    ap.add_argument("--malloc", default="keep", choices=MALLOC_CHOICES,
+                    help="every timed process's CPU allocator: keep (keep_freed_cpu_memory(), "
+                         "as imaml-fast train runs) or glibc's default (benchmarks/timing.py)")
     args = ap.parse_args(argv)
     args.out = args.out or results_dir(args.device)
     os.environ["IMAML_FAST_BENCH_TF32"] = args.tf32
@@ -330,11 +337,12 @@ def speed_main(argv=None):
     quiet_peers()
     t0 = time.perf_counter()
     results = [run_setting(name, args.tasks, args.repeats, args.only, check_tasks=args.check_tasks,
-                           device=args.device)
+                           device=args.device, malloc=args.malloc)
                for name in args.settings]
     meta = run_meta("benchmarks/compare.py speed", {
         "tasks": args.tasks, "repeats": args.repeats, "settings": args.settings,
         "check_tasks": args.check_tasks, "threads_requested": args.threads,
+        "malloc": args.malloc,
         "tf32": {"requested": args.tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                  "matmul": torch.backends.cuda.matmul.allow_tf32},
         "per_setting": {n: {"n_way": SETTINGS[n][0], "inner_steps": SETTINGS[n][1],

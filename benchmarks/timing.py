@@ -9,6 +9,15 @@ keeps them from touching each other. `time_in_processes` does both: one spawned 
 variant builds it (through a picklable factory), warms it up and then times one call whenever
 the parent asks, round after round. What neither removes: per-task loops (the reference, the
 peers) vary more with the machine's load than batched code, from run to run.
+
+The CPU allocator: `imaml-fast train` and `eval` run with `keep_freed_cpu_memory()` (glibc
+keeps freed blocks in the process instead of mapping fresh pages for every large temporary),
+and so does every worker here by default (`malloc="keep"`), whatever it times: imaml_fast,
+the reference and the peers alike. On the 2-core CPU a first-touched page costs a few
+microseconds, so with glibc's defaults the batched meta-step spends a sixth of its time in
+page faults (default 1.26 -> 1.04 s, reference 2.32 -> 2.09 s in one A/B run of
+bench_meta_step.py). `malloc="default"` leaves glibc's defaults (or whatever the environment
+sets) in place; the scripts expose it as --malloc default.
 """
 from __future__ import annotations
 
@@ -26,9 +35,25 @@ def sync(device) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-def _serve(conn, factory, args, threads, device):
+MALLOC_CHOICES = ("keep", "default")
+
+
+def apply_malloc(malloc: str) -> bool:
+    """Put this process on the allocator setting `malloc` ("keep": keep_freed_cpu_memory(),
+    "default": leave it). Returns whether the kept-memory settings are in effect."""
+    if malloc not in MALLOC_CHOICES:
+        raise ValueError(f"malloc={malloc!r}: expected one of {MALLOC_CHOICES}")
+    if malloc == "default":
+        return False
+    from imaml_fast.cpu_memory import keep_freed_cpu_memory
+
+    return keep_freed_cpu_memory()
+
+
+def _serve(conn, factory, args, threads, device, malloc="keep"):
     import torch
 
+    apply_malloc(malloc)  # before the variant allocates anything large
     if threads:
         torch.set_num_threads(threads)
     if conn.recv() == "stop":  # started early, so that the imports overlap; now wait our turn
@@ -53,12 +78,15 @@ def _serve(conn, factory, args, threads, device):
 
 def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int,
                       threads: Optional[int] = None, device: Optional[str] = None,
-                      log: Callable[[str], None] = print
+                      log: Callable[[str], None] = print, malloc: str = "keep"
                       ) -> Tuple[Dict[str, List[float]], Dict[str, Optional[dict]]]:
     """factories: {name: (factory, args)}, factory(*args) -> a zero-argument callable (a
     module-level function, so that a spawned process can import it). Returns ({name: the
     `repeats` timings}, {name: what its warm-up call returned}); a variant whose build or
-    warm-up fails is reported through `log` and left out."""
+    warm-up fails is reported through `log` and left out. malloc: every worker's CPU
+    allocator setting (see the module docstring), the same for all."""
+    if malloc not in MALLOC_CHOICES:
+        raise ValueError(f"malloc={malloc!r}: expected one of {MALLOC_CHOICES}")
     ctx = mp.get_context("spawn")
     infos, live, started = {}, {}, {}
     try:
@@ -67,7 +95,7 @@ def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int
         # cores and disturb the one-off measurements some make (task_batching="auto").
         for name, (factory, args) in factories.items():
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device),
+            proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device, malloc),
                                daemon=True)
             proc.start()
             started[name] = (proc, parent)
