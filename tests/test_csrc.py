@@ -600,23 +600,27 @@ def test_bn_double_backward_same_bits_on_any_number_of_threads(monkeypatch, dtyp
             assert flat_rel(got, want) <= tol
 
 
-def test_bn_double_backward_row_loops_sum_alike():
-    """The CPU twin has two element loops (S a multiple of 8: rows of lane_loop's shape; other
-    S: one running lane counter); both put element m = n * S + s of a channel in lane m % 8, in
-    the same order. The same channel data as [N, C, 8] and as [2N, C, 4] (same m order) must
-    give the same bits."""
+@pytest.mark.parametrize("S, parts", [(8, 2), (15, 3), (49, 7), (196, 4)])
+def test_bn_double_backward_lanes_follow_the_channel_order(S, parts):
+    """The CPU twin puts element m = n * S + s of a channel in lane m % 8, in order of m,
+    whatever S: each row runs a head up to lane 0, blocks of 8 (vectorised), then a tail.
+    The same channel data as [N, C, S] and as [parts * N, C, S / parts] (same m order, rows
+    starting at other lanes) must give the same bits."""
     ops = cpp_backend.load_ops()
     N, C = 9, 4
-    args = bn_inputs((N, C, 8), torch.float64, "cpu")
+    args = bn_inputs((N, C, S), torch.float64, "cpu")
 
-    def split(t):  # [N, C, 8] -> [2N, C, 4] with the same per-channel order m = 8 n + 4 j + k
-        return t.reshape(N, C, 2, 4).permute(0, 2, 1, 3).reshape(2 * N, C, 4)
+    def split(t):  # [N, C, S] -> [parts N, C, S / parts], the per-channel order unchanged
+        return (t.reshape(N, C, parts, S // parts).permute(0, 2, 1, 3)
+                .reshape(parts * N, C, S // parts))
 
-    got8 = ops["bn_double_backward"](*args)
-    got4 = ops["bn_double_backward"](*(split(t) if t is not None and t.dim() == 3 else t
-                                       for t in args))
-    assert torch.equal(split(got8[0]), got4[0]) and torch.equal(split(got8[1]), got4[1])
-    assert torch.equal(got8[2], got4[2])
+    whole = ops["bn_double_backward"](*args)
+    parted = ops["bn_double_backward"](*(split(t) if t is not None and t.dim() == 3 else t
+                                         for t in args))
+    assert torch.equal(split(whole[0]), parted[0]) and torch.equal(split(whole[1]), parted[1])
+    assert torch.equal(whole[2], parted[2])
+    for got, want in zip(whole, bn_reference64(args)):
+        assert flat_rel(got, want) <= 1e-12
 
 
 def test_bn_double_backward_falls_back_to_the_reference(be):

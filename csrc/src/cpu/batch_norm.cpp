@@ -13,26 +13,21 @@ using namespace imaml_fast::cpu;
 namespace {
 
 // Calls f(i, lane) for the M = N * S elements of channel ch of a contiguous [N, C, S] array,
-// in order m = n * S + s, with i = (n * C + ch) * S + s and lane = m % 8. When S is a multiple
-// of 8 every row starts at lane 0 and the inner loop is lane_loop's (vectorisable) shape; the
-// lanes and the order within each lane are the same on both paths.
+// in order m = n * S + s, with i = (n * C + ch) * S + s and lane = m % 8, whatever S. Each row
+// is a head that runs its lane counter up to 8, blocks of 8 starting at lane 0 (lane_loop's
+// vectorisable shape), and a tail: the Omniglot network's S = 196 and 49 vectorise too, and
+// every element keeps its lane and its place in the lane's order (the same bits as one running
+// counter; tests/test_csrc.py).
 template <typename F>
 inline void channel_loop(int64_t N, int64_t C, int64_t S, int64_t ch, F&& f) {
-  if (S % 8 == 0) {
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t base = (n * C + ch) * S;
-      for (int64_t s = 0; s < S; s += 8)
-        for (int k = 0; k < 8; ++k) f(base + s + k, k);
-    }
-    return;
-  }
-  int k = 0;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t base = (n * C + ch) * S;
-    for (int64_t s = 0; s < S; ++s) {
-      f(base + s, k);
-      k = (k + 1) & 7;
-    }
+    int k = static_cast<int>((n * S) & 7);
+    int64_t s = 0;
+    for (; k != 0 && s < S; ++s, k = (k + 1) & 7) f(base + s, k);
+    for (; s + 8 <= S; s += 8)
+      for (int j = 0; j < 8; ++j) f(base + s + j, j);
+    for (int j = 0; s < S; ++s, ++j) f(base + s, j);
   }
 }
 
