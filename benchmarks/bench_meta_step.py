@@ -8,9 +8,10 @@ round), tasks per second, and the ratio measured in this one run; --json writes 
 numbers.
 
     python benchmarks/bench_meta_step.py [--tasks 32] [--repeats 5] [--device cpu] [--json out.json]
-                                         [--malloc keep|default]
-Every variant runs with the CPU allocator setting `imaml-fast train` uses (--malloc keep,
-benchmarks/timing.py) unless --malloc default.
+                                         [--malloc default|keep] [--malloc-ab]
+Every variant runs with glibc's allocator defaults unless --malloc keep (the setting
+`imaml-fast train` uses, benchmarks/timing.py); --malloc-ab adds the reference and the default
+under the other setting as rows of their own, timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -102,9 +103,12 @@ def main(argv=None):
                     help="also time the default with this autocast dtype")
     ap.add_argument("--skip-reference", action="store_true",
                     help="leave out the sequential reference (ratios then use the first row)")
-    ap.add_argument("--malloc", default="keep", choices=MALLOC_CHOICES,
-                    help="every variant's CPU allocator: keep (keep_freed_cpu_memory(), as "
-                         "imaml-fast train runs) or glibc's default (benchmarks/timing.py)")
+    ap.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
+                    help="every variant's CPU allocator: glibc's default, or keep "
+                         "(keep_freed_cpu_memory(), as imaml-fast train runs; benchmarks/timing.py)")
+    ap.add_argument("--malloc-ab", action="store_true",
+                    help="also time the reference and the default under the other --malloc "
+                         "setting, in the same rounds")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -139,17 +143,26 @@ def main(argv=None):
             variants.append((f"default, amp={args.amp}, CUDA graphs", base.replace(amp=args.amp)))
     if args.skip_reference:
         variants = variants[1:]
+    malloc = {name: args.malloc for name, _ in variants}
+    if args.malloc_ab:
+        other = next(m for m in MALLOC_CHOICES if m != args.malloc)
+        for name, cfg in list(variants):
+            if name in ("reference", "default (auto)"):
+                variants.append((f"{name}, malloc {other}", cfg))
+                malloc[f"{name}, malloc {other}"] = other
     # Every variant in a process of its own, timed in interleaved rounds (benchmarks/timing.py:
     # variants sharing a process slowed each other down).
-    factories = {name: (_variant, (vars(args), name, cfg)) for name, cfg in variants}
+    factories = {name: (_variant, (vars(args), name.split(", malloc ")[0], cfg))
+                 for name, cfg in variants}
     times, infos = time_in_processes(factories, args.repeats,
                                      threads=torch.get_num_threads(), device=args.device,
-                                     log=lambda m: None, malloc=args.malloc)
+                                     log=lambda m: None, malloc=malloc)
     rows = []
     for name in times:
         med = statistics.median(times[name])
         r = infos[name]
-        rows.append({"variant": name, "median_s": med, "times_s": times[name],
+        rows.append({"variant": name, "malloc": malloc[name], "median_s": med,
+                     "times_s": times[name],
                      "tasks_per_s": args.tasks / med, **r})
         print(f"{name:34s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
               f"(backend={r['backend']}, hvp={r['hvp']}, task_batching={r['task_batching']})",
@@ -179,7 +192,7 @@ def markdown_table(meta, rows):
     head = (f"{where}, torch {meta['torch']}, {meta['date']}: omniglot network, "
             f"{s['n_way']}-way {s['shots']}-shot, T = {s['tasks']}, {s['inner_steps']} inner steps, "
             f"{s['cg_steps']} CG steps, median of {s['repeats']} interleaved rounds after warm-up, "
-            f"CPU allocator: {s.get('malloc', 'default')}\n\n")
+            f"CPU allocator: {s.get('malloc', 'default')} unless the row says otherwise\n\n")
     lines = [f"| variant | s / meta-step | tasks / s | vs {rows[0]['variant']} | ran as |",
              "| --- | ---: | ---: | ---: | --- |"]
     for r in rows:

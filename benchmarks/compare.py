@@ -8,8 +8,8 @@ one's meta-gradient (from its warm-up call) is compared with imaml_fast's defaul
 reference; then all are timed in interleaved rounds (one call of each per round, so a slow
 spell of this shared machine hits all alike) and the median is reported, with the ratio of
 each implementation's time to imaml_fast's default measured in the same run. Every timed
-process runs with the CPU allocator setting `imaml-fast train` uses (--malloc keep,
-benchmarks/timing.py), peers and reference included; --malloc default leaves glibc's.
+process keeps glibc's allocator defaults, as the peers' users would; --malloc keep runs them
+all with the setting `imaml-fast train` uses (benchmarks/timing.py).
 
 The other figures have their own scripts, also reachable from here:
     python benchmarks/compare.py [speed] [--repeats 3] [--settings omniglot-5w1s omniglot-20w1s]
@@ -146,7 +146,7 @@ def _timed_floor(n_way, T, s, device="cpu"):
 
 
 def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="cpu",
-                malloc="keep"):
+                malloc="default"):
     n_way, steps = SETTINGS[name]
     s = Settings(inner_steps=steps, inner_lr=0.1, lam=2.0, cg_steps=5)
     model, ep = _setting_inputs(n_way, T, device)
@@ -323,9 +323,9 @@ def speed_main(argv=None):
     ap.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                     help="on a GPU: TF32 for convolutions and matmuls (default: torch's own "
                          "defaults, cuDNN convolutions in TF32)")
-    ap.add_argument("--malloc", default="keep", choices=MALLOC_CHOICES,
-                    help="every timed process's CPU allocator: keep (keep_freed_cpu_memory(), "
-                         "as imaml-fast train runs) or glibc's default (benchmarks/timing.py)")
+    ap.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
+                    help="every timed process's CPU allocator: glibc's default, or keep "
+                         "(keep_freed_cpu_memory(), as imaml-fast train runs; benchmarks/timing.py)")
     args = ap.parse_args(argv)
     args.out = args.out or results_dir(args.device)
     os.environ["IMAML_FAST_BENCH_TF32"] = args.tf32
@@ -342,7 +342,7 @@ def speed_main(argv=None):
     meta = run_meta("benchmarks/compare.py speed", {
         "tasks": args.tasks, "repeats": args.repeats, "settings": args.settings,
         "check_tasks": args.check_tasks, "threads_requested": args.threads,
-        "malloc": args.malloc,
+        "malloc": args.malloc, "name": args.name,
         "tf32": {"requested": args.tf32, "cudnn": torch.backends.cudnn.allow_tf32,
                  "matmul": torch.backends.cuda.matmul.allow_tf32},
         "per_setting": {n: {"n_way": SETTINGS[n][0], "inner_steps": SETTINGS[n][1],

@@ -11,20 +11,18 @@ the parent asks, round after round. What neither removes: per-task loops (the re
 peers) vary more with the machine's load than batched code, from run to run.
 
 The CPU allocator: `imaml-fast train` and `eval` run with `keep_freed_cpu_memory()` (glibc
-keeps freed blocks in the process instead of mapping fresh pages for every large temporary),
-and so does every worker here by default (`malloc="keep"`), whatever it times: imaml_fast,
-the reference and the peers alike. On the 2-core CPU a first-touched page costs a few
-microseconds, so with glibc's defaults the batched meta-step spends a sixth of its time in
-page faults (default 1.26 -> 1.04 s, reference 2.32 -> 2.09 s in one A/B run of
-bench_meta_step.py). `malloc="default"` leaves glibc's defaults (or whatever the environment
-sets) in place; the scripts expose it as --malloc default.
+keeps freed blocks in the process instead of mapping fresh pages for every large temporary).
+The workers here keep glibc's defaults unless asked (`malloc="keep"` for all of them, or a
+{name: setting} dict for an A/B of the setting itself, interleaved like everything else):
+the peers' users get the defaults, and what the setting does to each implementation is a
+measurement of its own (bench_meta_step.py --malloc-ab).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 
 def sync(device) -> None:
@@ -50,7 +48,7 @@ def apply_malloc(malloc: str) -> bool:
     return keep_freed_cpu_memory()
 
 
-def _serve(conn, factory, args, threads, device, malloc="keep"):
+def _serve(conn, factory, args, threads, device, malloc="default"):
     import torch
 
     apply_malloc(malloc)  # before the variant allocates anything large
@@ -78,15 +76,18 @@ def _serve(conn, factory, args, threads, device, malloc="keep"):
 
 def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int,
                       threads: Optional[int] = None, device: Optional[str] = None,
-                      log: Callable[[str], None] = print, malloc: str = "keep"
+                      log: Callable[[str], None] = print,
+                      malloc: Union[str, Dict[str, str]] = "default"
                       ) -> Tuple[Dict[str, List[float]], Dict[str, Optional[dict]]]:
     """factories: {name: (factory, args)}, factory(*args) -> a zero-argument callable (a
     module-level function, so that a spawned process can import it). Returns ({name: the
     `repeats` timings}, {name: what its warm-up call returned}); a variant whose build or
-    warm-up fails is reported through `log` and left out. malloc: every worker's CPU
-    allocator setting (see the module docstring), the same for all."""
-    if malloc not in MALLOC_CHOICES:
-        raise ValueError(f"malloc={malloc!r}: expected one of {MALLOC_CHOICES}")
+    warm-up fails is reported through `log` and left out. malloc: the workers' CPU allocator
+    setting (module docstring), one for all or {name: setting} (names left out: "default")."""
+    per = malloc if isinstance(malloc, dict) else {name: malloc for name in factories}
+    for m in per.values():
+        if m not in MALLOC_CHOICES:
+            raise ValueError(f"malloc={m!r}: expected one of {MALLOC_CHOICES}")
     ctx = mp.get_context("spawn")
     infos, live, started = {}, {}, {}
     try:
@@ -95,7 +96,8 @@ def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int
         # cores and disturb the one-off measurements some make (task_batching="auto").
         for name, (factory, args) in factories.items():
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device, malloc),
+            proc = ctx.Process(target=_serve, args=(child, factory, args, threads, device,
+                                                     per.get(name, "default")),
                                daemon=True)
             proc.start()
             started[name] = (proc, parent)
