@@ -109,6 +109,37 @@ def test_inner_residual_is_the_gradient_ratio(solver, path):
     assert (expected > 0).all() and (expected < 1).all()  # the inner loop made progress
 
 
+@pytest.mark.parametrize("cg_steps", [0, 3])
+def test_reference_takes_no_support_pass_of_its_own_for_diagnostics(cg_steps):
+    """The reference, the authors' structure, evaluates each task's support loss once per
+    inner step and once per Hessian-vector product (the graph rebuilt each time); its inner
+    residual and support loss reuse the first product's gradient, so they cost a pass of
+    their own only where CG runs no product. The values are checked against per-task
+    autograd in test_inner_residual_is_the_gradient_ratio."""
+    model = conv_bn(n_way=3, channels=3)
+    xs, ys, xq, yq = class_episode(4, 3, 5, (1, 6, 6), 3)
+    assert xs.shape[1] != xq.shape[1]  # support and query calls told apart by batch size
+    sizes = []
+
+    def counting_loss(out, y):
+        sizes.append(out.shape[0])
+        return F.cross_entropy(out, y)
+
+    K = 4
+    cfg = IMAMLConfig(inner_solver="gd", inner_steps=K, lam=1.5, inner_lr=0.3,
+                      cg_steps=cg_steps, cg_tol=0.0, backend="reference")
+    r = meta_gradient(model, counting_loss, xs, ys, xq, yq, cfg)
+    T = xs.shape[0]
+    products = int(r.cg_iters.sum())
+    assert products == T * cg_steps
+    assert sizes.count(xq.shape[1]) == T
+    # + 1: the input check runs the loss once on task 0's support set (validation.py)
+    assert sizes.count(xs.shape[1]) == 1 + T * K + (products if cg_steps else T)
+    support = torch.stack([task_loss_fn(model, F.cross_entropy, xs[i], ys[i])(r.adapted_flat[i])
+                           for i in range(T)])
+    assert rel_err(r.inner_loss, support) <= 1e-12
+
+
 def test_inner_residual_tells_a_solved_inner_loop_from_a_diverged_one():
     """On least squares (task i's Hessian 2/N X_i'X_i, L_i its largest eigenvalue + lam): at
     lr = 3 / min_i L_i the line search solves every task (residual below 1e-9), the fixed step

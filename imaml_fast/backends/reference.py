@@ -26,12 +26,18 @@ def _grad(fm, loss_of, w):
     return fm.join(g), loss.detach()
 
 
-def hvp_ref(fm, loss_of, w, v):
-    """H v by double backward, the graph rebuilt for this one product."""
+def hvp_ref(fm, loss_of, w, v, seen=None):
+    """H v by double backward, the graph rebuilt for this one product. seen: a dict that, if
+    empty, receives the gradient [P] and the loss at w that the product computes on its way
+    ("grad", "loss"; detached)."""
     with torch.enable_grad():
         leaves = fm.leaves(w)
-        g = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True, allow_unused=True,
+        loss = loss_of(leaves)
+        g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True,
                                 materialize_grads=True)
+        if seen is not None and not seen:
+            seen["grad"] = fm.join([t.detach() for t in g])
+            seen["loss"] = loss.detach()
         if not any(t.requires_grad for t in g):
             return torch.zeros_like(v)
         hv = torch.autograd.grad(g, leaves, fm.split(v), allow_unused=True,
@@ -209,14 +215,19 @@ def _meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, operator):
         phi, g0, k = solve(fm, support, theta, config)
         steps.append(k)
         gq, ql = _grad(fm, query, phi)
-        gs_phi, il = _grad(fm, support, phi)
-        rnorm = (gs_phi + config.lam * (phi - theta)).norm()
-        inner_res.append(rnorm / g0 if g0 is not None and rnorm > 0 else (rnorm > 0).to(rnorm.dtype))
+        seen = {}  # the support gradient and loss at phi, from the first product's graph
         if config.cg_steps == 0:
             x, it, res, st = gq, 0, gq.norm(), CG_MAX_ITER
         else:
-            x, it, res, st = cg_ref(lambda v: shift * v + scale * hvp_ref(fm, support, phi, v), gq,
-                                    config.cg_steps, config.cg_tol)
+            x, it, res, st = cg_ref(
+                lambda v: shift * v + scale * hvp_ref(fm, support, phi, v, seen), gq,
+                config.cg_steps, config.cg_tol)
+        # The inner residual and support loss are diagnostics the authors' code does not
+        # compute: they reuse the first product's gradient, and cost a pass of their own only
+        # where CG ran no product (cg_steps 0, or a zero or non-finite right-hand side).
+        gs_phi, il = (seen["grad"], seen["loss"]) if seen else _grad(fm, support, phi)
+        rnorm = (gs_phi + config.lam * (phi - theta)).norm()
+        inner_res.append(rnorm / g0 if g0 is not None and rnorm > 0 else (rnorm > 0).to(rnorm.dtype))
         clip = False
         if config.cg_clip and config.cg_steps > 0:
             margin = shift - scale * config.lam
