@@ -7,8 +7,9 @@ trimmed from the heap), so every step touches fresh pages: measured on the Omnig
 1-shot step (T = 32, vmap, two threads), 64,000-73,000 minor page faults per meta-step by
 default against 800-1,100 after keep_freed_cpu_memory(), and the step 4-10% faster (1.128 ->
 1.020 s and 1.093 -> 1.050 s, median of 5, in two A/B runs of separate processes); later, 18%
-(1.285 -> 1.052 s) in an A/B timed in interleaved rounds (benchmarks/bench_meta_step.py
---malloc-ab), where the sequential reference's small per-task tensors gained nothing.
+(1.285 -> 1.052 s) and 9% (0.967 -> 0.883 s) in two A/Bs timed in interleaved rounds
+(benchmarks/bench_meta_step.py --malloc-ab), where the sequential reference's small per-task
+tensors gained 0-2%.
 
 `keep_freed_cpu_memory()` sets them: no large block is mapped on its own below 32 MiB, and up
 to 256 MiB of freed memory stay with the process. It changes the whole process, so the
