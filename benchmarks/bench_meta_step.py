@@ -143,17 +143,17 @@ def main(argv=None):
             variants.append((f"default, amp={args.amp}, CUDA graphs", base.replace(amp=args.amp)))
     if args.skip_reference:
         variants = variants[1:]
-    malloc = {name: args.malloc for name, _ in variants}
+    # row name -> (the variant it runs, its CPU allocator setting)
+    rows_of = {name: (name, cfg, args.malloc) for name, cfg in variants}
     if args.malloc_ab:
         other = next(m for m in MALLOC_CHOICES if m != args.malloc)
-        for name, cfg in list(variants):
-            if name in ("reference", "default (auto)"):
-                variants.append((f"{name}, malloc {other}", cfg))
-                malloc[f"{name}, malloc {other}"] = other
+        for name in ("reference", "default (auto)"):
+            if name in rows_of:
+                rows_of[f"{name}, malloc {other}"] = (name, rows_of[name][1], other)
+    malloc = {row: m for row, (_, _, m) in rows_of.items()}
     # Every variant in a process of its own, timed in interleaved rounds (benchmarks/timing.py:
     # variants sharing a process slowed each other down).
-    factories = {name: (_variant, (vars(args), name.split(", malloc ")[0], cfg))
-                 for name, cfg in variants}
+    factories = {row: (_variant, (vars(args), name, cfg)) for row, (name, cfg, _) in rows_of.items()}
     times, infos = time_in_processes(factories, args.repeats,
                                      threads=torch.get_num_threads(), device=args.device,
                                      log=lambda m: None, malloc=malloc)

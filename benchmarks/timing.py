@@ -36,11 +36,15 @@ def sync(device) -> None:
 MALLOC_CHOICES = ("keep", "default")
 
 
+def _check_malloc(malloc: str) -> None:
+    if malloc not in MALLOC_CHOICES:
+        raise ValueError(f"malloc={malloc!r}: expected one of {MALLOC_CHOICES}")
+
+
 def apply_malloc(malloc: str) -> bool:
     """Put this process on the allocator setting `malloc` ("keep": keep_freed_cpu_memory(),
     "default": leave it). Returns whether the kept-memory settings are in effect."""
-    if malloc not in MALLOC_CHOICES:
-        raise ValueError(f"malloc={malloc!r}: expected one of {MALLOC_CHOICES}")
+    _check_malloc(malloc)
     if malloc == "default":
         return False
     from imaml_fast.cpu_memory import keep_freed_cpu_memory
@@ -86,8 +90,7 @@ def time_in_processes(factories: Dict[str, Tuple[Callable, tuple]], repeats: int
     setting (module docstring), one for all or {name: setting} (names left out: "default")."""
     per = malloc if isinstance(malloc, dict) else {name: malloc for name in factories}
     for m in per.values():
-        if m not in MALLOC_CHOICES:
-            raise ValueError(f"malloc={m!r}: expected one of {MALLOC_CHOICES}")
+        _check_malloc(m)
     ctx = mp.get_context("spawn")
     infos, live, started = {}, {}, {}
     try:
