@@ -1,6 +1,6 @@
 """The `imaml-fast` command (also `python -m imaml_fast`).
 
-    imaml-fast train [PRESET] [--steps N] [--lam 2] ... [--out DIR]
+    imaml-fast train [PRESET] [--steps N] [--lam 2] ... [--out DIR] [--eval-every N]
     imaml-fast train --out DIR --resume [--steps N]   (the run's own settings)
     imaml-fast eval CHECKPOINT [--tasks 600] [--data-root DIR] [--out FILE]
     imaml-fast download --data-root DIR
@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop, with a checkpoint, at the first step that ends after this many "
                         "minutes of training; --resume continues")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--eval-every", type=_positive_int, metavar="STEPS",
+                   help="evaluate on meta-test tasks every STEPS meta-steps and at the last, "
+                        "into evals.jsonl and curve.png (the tasks of imaml-fast eval; "
+                        "default: 0, none)")
+    t.add_argument("--eval-tasks", type=_positive_int,
+                   help="meta-test tasks per evaluation (default: 600, as the paper's tables)")
     t.add_argument("--nproc", type=_positive_int,
                    help="processes that share each meta-batch (torch.distributed: gloo on CPU, "
                         "NCCL on GPUs; default: 1)")
@@ -129,7 +135,8 @@ def _train(args) -> int:
         "task_batching", "layer_derivatives", "outer_lr")}
     fields.update(seed=args.seed, device=args.device, data_root=args.data_root,
                   checkpoint_every=args.checkpoint_every, nproc=args.nproc,
-                  cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
+                  cuda_graphs=args.cuda_graphs, progress=not args.no_progress,
+                  eval_every=args.eval_every, eval_tasks=args.eval_tasks)
     out = args.out
     if args.resume:
         if out is None:
@@ -146,6 +153,10 @@ def _train(args) -> int:
                                  max_seconds=None if args.time_limit is None else 60 * args.time_limit)
     last = summary["last"]
     metric = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("query_loss", "accuracy", "mse"))
+    ev = summary.get("eval")
+    if ev is not None:
+        metric += (f"; meta-test {ev['metric']} {ev['mean']:.2f} ± {ev['ci95']:.2f}{ev['unit']} "
+                   f"at step {ev['step']}")
     print(f"trained {summary['steps']} meta-steps in {summary['seconds']:.1f} s"
           + (f" ({metric})" if metric else " (nothing left to train)") + "; "
           f"run folder {out}" + ("" if summary["curve"] else " (pip install matplotlib for curve.png)")

@@ -2,7 +2,9 @@
 
 A run folder holds settings.json, metrics.jsonl (one line per meta-step), checkpoint.pt
 (model, outer optimizer, episode sampler and RNG states, written atomically every
-`checkpoint_every` steps and at the end) and curve.png (when matplotlib is installed).
+`checkpoint_every` steps and at the end), evals.jsonl (with `eval_every`: the meta-test
+accuracy or MSE every that many steps and at the last) and curve.png (when matplotlib is
+installed).
 A resumed run continues from checkpoint.pt and ends with parameters bit-identical to an
 uninterrupted run: the episode stream, the optimizer state, the RNG state and the
 task-batching strategy (which changes floating-point summation order) all come back.
@@ -37,7 +39,7 @@ from .trainer import IMAML
 
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
-                     "nproc", "cuda_graphs")
+                     "nproc", "cuda_graphs", "eval_every", "eval_tasks")
 _NO_CHECKPOINT = ("--resume but {path} does not exist: start the run without --resume, or "
                   "point --out at the run folder")
 EVAL_SEED = 2019
@@ -87,6 +89,11 @@ class RunSettings:
     checkpoint_every: int = 100
     progress: bool = True
     nproc: int = 1
+    # Meta-test evaluation during training: every eval_every steps and at the last one (0:
+    # none), on eval_tasks tasks, the same tasks as `imaml-fast eval` with as many. It reads
+    # no training randomness and changes nothing the run computes: only a report.
+    eval_every: int = 0
+    eval_tasks: int = 600
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunSettings":
@@ -138,8 +145,14 @@ class RunSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid: expected an int >= 1")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps={self.steps!r} is invalid: expected an int >= 0")
+        for name in ("steps", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} is invalid: expected an int >= 0")
+        if isinstance(self.eval_tasks, bool) or not isinstance(self.eval_tasks, int) \
+                or self.eval_tasks < 2:
+            raise ValueError(f"eval_tasks={self.eval_tasks!r} is invalid: expected an int >= 2 "
+                             f"(a confidence interval needs two tasks; the paper's tables use 600)")
         if not (isinstance(self.outer_lr, (int, float)) and self.outer_lr > 0):
             raise ValueError(f"outer_lr={self.outer_lr!r} is invalid: expected a number > 0")
         if self.nproc > self.tasks:
@@ -334,10 +347,12 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1,
                     cuda_graphs=s.cuda_graphs)
     metrics_path = out / "metrics.jsonl"
+    evals_path = out / "evals.jsonl"
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(s.to_dict(), out / "settings.json")
         _truncate_metrics(metrics_path, start)
+        _truncate_metrics(evals_path, start)
     # Every rank draws the whole meta-batch from the same sampler state and keeps its share,
     # so the stream of tasks (and a checkpoint's sampler state) does not depend on the
     # number of processes: a run can resume with another --nproc.
@@ -351,7 +366,28 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
                      "sampler": sampler.state_dict(), "rng": _rng_state()}, ckpt_path)
 
     bar = _progress(s, start) if main_rank else None
+
+    def evaluate_now(step):
+        # every rank takes part (meta_test shards the tasks); the RNG state is put back so
+        # that a run with evaluations computes exactly what one without does
+        rng = _rng_state()
+        t = time.perf_counter()
+        values = meta_test(s, learner, s.eval_tasks, EVAL_SEED, rank, world)
+        _set_rng_state(rng)
+        r = _eval_summary(s, values, time.perf_counter() - t, step, EVAL_SEED)
+        if main_rank:
+            with open(evals_path, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            msg = (f"step {step}: meta-test {r['metric']} {r['mean']:.2f} ± {r['ci95']:.2f}"
+                   f"{r['unit']} (95% CI, {r['tasks']} tasks, {r['seconds']:.0f} s)")
+            if bar is not None:
+                bar.write(msg)
+            elif s.progress:
+                print(msg, flush=True)
+        return r
+
     t0 = time.perf_counter()
+    last_eval = None
     step = start
     last = {}
     skipped = consecutive = 0
@@ -421,17 +457,20 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
             stopping = (stop_after is not None and step - start >= stop_after) or timed_out
             if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 checkpoint(step)
+            if s.eval_every and (step % s.eval_every == 0 or step == s.steps):
+                last_eval = evaluate_now(step)
             if stopping:
                 break
     if bar is not None:
         bar.close()
     if step == start and not ckpt_path.exists():
         checkpoint(step)
-    curve = _plot_curve(metrics_path, out / "curve.png", s) if main_rank else None
+    curve = _plot_curve(metrics_path, out / "curve.png", s, evals_path) if main_rank else None
     stopped = "time limit" if step < s.steps and timed_out else (
         "stop_after" if step < s.steps else None)
     return {"steps": step, "seconds": time.perf_counter() - t0, "last": last,
-            "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped}
+            "checkpoint": str(ckpt_path), "curve": curve, "stopped": stopped,
+            "eval": last_eval}
 
 
 def _fixes(s: RunSettings, damping: bool = False) -> str:
@@ -548,7 +587,8 @@ def _progress(s: RunSettings, start: int):
                 dynamic_ncols=True)
 
 
-def _plot_curve(metrics_path: Path, png: Path, s: RunSettings) -> Optional[str]:
+def _plot_curve(metrics_path: Path, png: Path, s: RunSettings,
+                evals_path: Optional[Path] = None) -> Optional[str]:
     try:
         import matplotlib
 
@@ -570,6 +610,14 @@ def _plot_curve(metrics_path: Path, png: Path, s: RunSettings) -> Optional[str]:
         ax.plot(steps, smooth)
         ax.set_xlabel("meta-step")
         ax.set_ylabel(k.replace("_", " ") + " after adaptation (train tasks)")
+    evals = ([json.loads(l) for l in evals_path.read_text().splitlines() if l.strip()]
+             if evals_path is not None and evals_path.exists() else [])
+    if evals:  # the meta-test figures on the panel of the same quantity
+        scale = 1.0 if s.task == "sinusoid" else 0.01
+        axes[1].errorbar([e["step"] for e in evals], [e["mean"] * scale for e in evals],
+                         yerr=[e["ci95"] * scale for e in evals], fmt="o", capsize=3,
+                         label=f"meta-test ({evals[-1]['tasks']} tasks)")
+        axes[1].legend()
     fig.suptitle(f"{s.preset}: {s.tasks} tasks per step")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -598,6 +646,41 @@ def load_run(checkpoint_path, data_root: Optional[str] = None, device: Optional[
     return ckpt, s, model
 
 
+def meta_test(s: RunSettings, learner: IMAML, tasks: int, seed: int = EVAL_SEED,
+              rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Per-task query accuracy (or MSE for sinusoid) of `tasks` meta-test tasks adapted from
+    the learner's current parameters: [tasks] float64 on the CPU. The tasks are the first
+    `tasks` of the meta-test stream `seed` drawn in meta-batches of min(s.tasks, tasks), so
+    they do not depend on the number of processes: with world > 1 each rank adapts its share
+    of every meta-batch (as in training) and one all-reduce gives every rank all values."""
+    batch = min(s.tasks, tasks)
+    n_batches = -(-tasks // batch)
+    sampler = build_sampler(s, "test", batch, seed=seed)
+    mine = dist_mod.shard(batch, rank, world)
+    values = torch.zeros(n_batches * batch, dtype=torch.float64, device=s.device)
+    for b in range(n_batches):
+        xs, ys, xq, yq = (t[mine] for t in sampler.sample())
+        adapted = learner.adapt(xs, ys)
+        values[b * batch + mine.start:b * batch + mine.stop] = \
+            task_metric(s, learner, adapted, xq, yq).double()
+    if world > 1:  # the other ranks' entries are zero here
+        torch.distributed.all_reduce(values)
+    return values[:tasks].cpu()
+
+
+def _eval_summary(s: RunSettings, values: torch.Tensor, seconds: float, step: int,
+                  seed: int) -> dict:
+    """Mean and 95% confidence interval (1.96 std / sqrt(n)) of meta_test's values, in %
+    for accuracy."""
+    n = values.numel()
+    mean, ci = values.mean().item(), 1.96 * values.std().item() / math.sqrt(n)
+    scale = 1.0 if s.task == "sinusoid" else 100.0
+    return {"step": step, "metric": "mse" if s.task == "sinusoid" else "accuracy", "tasks": n,
+            "mean": mean * scale, "ci95": ci * scale,
+            "unit": "" if s.task == "sinusoid" else "%", "seconds": seconds, "eval_seed": seed,
+            "split": "meta-test tasks" if s.task == "sinusoid" else "meta-test characters (423)"}
+
+
 def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
              device: Optional[str] = None, out: Optional[str] = None, seed: int = EVAL_SEED) -> dict:
     """Adapt to `tasks` meta-test tasks from the checkpoint's parameters and report the mean
@@ -608,21 +691,9 @@ def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
     path = Path(checkpoint_path)
     ckpt, s, model = load_run(path, data_root, device)
     learner = IMAML(model, loss_fn_for(s), s.imaml_config())
-    sampler = build_sampler(s, "test", min(s.tasks, tasks), seed=seed)
-    values = []
     t0 = time.perf_counter()
-    while len(values) < tasks:
-        xs, ys, xq, yq = sampler.sample()
-        adapted = learner.adapt(xs, ys)
-        values += task_metric(s, learner, adapted, xq, yq).tolist()
-    values = torch.tensor(values[:tasks], dtype=torch.float64)
-    mean, ci = values.mean().item(), 1.96 * values.std().item() / math.sqrt(tasks)
-    metric = "mse" if s.task == "sinusoid" else "accuracy"
-    scale = 1.0 if s.task == "sinusoid" else 100.0
-    result = {"checkpoint": str(path), "step": ckpt["step"], "preset": s.preset,
-              "metric": metric, "tasks": tasks, "mean": mean * scale, "ci95": ci * scale,
-              "unit": "" if s.task == "sinusoid" else "%", "seconds": time.perf_counter() - t0,
-              "settings": s.to_dict(), "eval_seed": seed,
-              "split": "meta-test tasks" if s.task == "sinusoid" else "meta-test characters (423)"}
+    values = meta_test(s, learner, tasks, seed)
+    summary = _eval_summary(s, values, time.perf_counter() - t0, ckpt["step"], seed)
+    result = {"checkpoint": str(path), "preset": s.preset, **summary, "settings": s.to_dict()}
     write_json_atomic(result, Path(out) if out else path.parent / "eval.json")
     return result

@@ -149,6 +149,21 @@ def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     assert trained_settings["s"].cuda_graphs is False
 
 
+def test_eval_flags_reach_the_settings(trained_settings, capsys):
+    run(["train", "--eval-every", "500", "--eval-tasks", "100", "--out", "x"], capsys)
+    assert trained_settings["s"].eval_every == 500 and trained_settings["s"].eval_tasks == 100
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].eval_every == 0 and trained_settings["s"].eval_tasks == 600
+
+
+def test_the_summary_line_reports_the_last_evaluation(monkeypatch, capsys):
+    ev = {"metric": "accuracy", "mean": 91.456, "ci95": 0.591, "unit": "%", "step": 1000}
+    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None: {
+        "steps": 1000, "seconds": 1.0, "last": {"accuracy": 0.9}, "curve": None, "eval": ev})
+    code, out, _ = run(["train", "--out", "x", "--eval-every", "1000"], capsys)
+    assert code == 0 and "meta-test accuracy 91.46 ± 0.59% at step 1000" in out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--lam", "-1", "--out", "{tmp}/a"], "IMAMLConfig.lam=-1.0 is invalid"),
     (["train", "--inner-solver", "hf", "--hvp", "auto", "--backend", "nope", "--out", "{tmp}/b"],
@@ -160,6 +175,8 @@ def test_cuda_graphs_flag_reaches_the_settings(trained_settings, capsys):
     (["train", "--device", "cuda:0", "--out", "{tmp}/e"], "cuda"),
     (["train", "--cuda-graphs", "--out", "{tmp}/f"], "cuda_graphs=True needs a CUDA device"),
     (["train", "--time-limit", "0", "--out", "{tmp}/g"], "--time-limit 0 is invalid"),
+    (["train", "--eval-every", "5", "--eval-tasks", "1", "--out", "{tmp}/h"],
+     "eval_tasks=1 is invalid"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -1,4 +1,6 @@
 """Task-parallel meta-training over torch.distributed (gloo processes on the CPU)."""
+import json
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -97,7 +99,8 @@ def test_cli_nproc_2_matches_one_process_and_resumes_with_another_count(tmp_path
     def settings(out, nproc, steps):
         return RunSettings.from_preset("sinusoid", out=str(tmp_path / out), steps=steps, tasks=4,
                                        inner_steps=2, progress=False, task_batching="vmap",
-                                       nproc=nproc, checkpoint_every=2)
+                                       nproc=nproc, checkpoint_every=2, eval_every=2,
+                                       eval_tasks=6)
 
     train_multiprocess(settings("one", 1, 4))
     train_multiprocess(settings("two", 2, 4))
@@ -111,6 +114,13 @@ def test_cli_nproc_2_matches_one_process_and_resumes_with_another_count(tmp_path
             torch.testing.assert_close(got["model"][k], ref[k], rtol=1e-5, atol=1e-6)
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 alone writes the log
+    # evaluations: each process adapts its share of the same meta-test tasks
+    evals = {run: [json.loads(l) for l in (tmp_path / run / "evals.jsonl").read_text().splitlines()]
+             for run in ("one", "two", "mixed")}
+    assert [e["step"] for e in evals["two"]] == [2, 4] and [e["step"] for e in evals["mixed"]] == [2, 4]
+    for run in ("two", "mixed"):
+        for a, b in zip(evals[run], evals["one"]):
+            assert a["tasks"] == 6 and a["mean"] == pytest.approx(b["mean"], rel=1e-5)
 
 
 def test_a_time_limit_stops_both_processes_at_the_same_step(tmp_path):

@@ -5,7 +5,8 @@ import torch
 
 from _data_helpers import REAL_OMNIGLOT, real_omniglot
 from imaml_fast.checkpoint import CheckpointError, load_checkpoint
-from imaml_fast.train import RunSettings, evaluate, train
+from imaml_fast.train import (EVAL_SEED, RunSettings, build_model, build_sampler, evaluate,
+                              loss_fn_for, train)
 from imaml_fast.trainer import IMAML
 
 
@@ -18,6 +19,81 @@ def sin_settings(out, **kw):
 
 def params(run):
     return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+def meta_test_by_hand(checkpoint, n, **overrides):
+    """(mean, ci95) of the first n meta-test tasks of stream EVAL_SEED, drawn in meta-batches
+    of the run's size, adapted from the checkpoint's parameters; each task's accuracy (%) or
+    MSE computed here from its own outputs, and the mean and 1.96 std / sqrt(n) by the
+    statistics module."""
+    import math
+    import statistics
+
+    ck = load_checkpoint(checkpoint)
+    s = RunSettings(**{**ck["settings"], **overrides})
+    model = build_model(s)
+    model.load_state_dict(ck["model"])
+    learner = IMAML(model, loss_fn_for(s), s.imaml_config())
+    sampler = build_sampler(s, "test", min(s.tasks, n), seed=EVAL_SEED)
+    values = []
+    while len(values) < n:
+        xs, ys, xq, yq = sampler.sample()
+        out = learner.predict(learner.adapt(xs, ys), xq)
+        for o, y in zip(out, yq):
+            values.append(((o - y) ** 2).mean().item() if s.task == "sinusoid"
+                          else 100 * (o.argmax(-1) == y).double().mean().item())
+    values = values[:n]
+    return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(n)
+
+
+def test_evaluations_during_training_are_the_meta_test_figures_and_change_nothing(tmp_path):
+    # 9 tasks in meta-batches of 4: the third batch is cut
+    with_eval = sin_settings(tmp_path / "eval", eval_every=3, eval_tasks=9)
+    summary = train(with_eval)
+    train(sin_settings(tmp_path / "plain"))
+    a, b = params(tmp_path / "eval"), params(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating took no training randomness
+    strip = lambda run: [{k: v for k, v in json.loads(l).items() if k not in ("tasks_per_s", "seconds")}
+                         for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "eval") == strip(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "evals.jsonl").exists()
+    evals = [json.loads(l) for l in (tmp_path / "eval" / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [3, 6] and summary["eval"]["step"] == 6
+    assert all(e["tasks"] == 9 and e["metric"] == "mse" and e["eval_seed"] == EVAL_SEED for e in evals)
+    mean, ci = meta_test_by_hand(tmp_path / "eval" / "checkpoint.pt", 9)
+    assert evals[1]["mean"] == pytest.approx(mean, rel=1e-6)
+    assert evals[1]["ci95"] == pytest.approx(ci, rel=1e-5)
+    # step 3's parameters: a run of 3 steps ends where this one was at step 3
+    train(sin_settings(tmp_path / "three", steps=3))
+    r = evaluate(tmp_path / "three" / "checkpoint.pt", tasks=9)
+    assert evals[0]["mean"] == r["mean"] and evals[0]["ci95"] == r["ci95"]
+    assert evals[0]["mean"] != evals[1]["mean"]
+
+
+def test_a_resumed_run_drops_evaluations_past_its_checkpoint_and_goes_on(tmp_path):
+    train(sin_settings(tmp_path / "whole", eval_every=2, eval_tasks=5))
+    run = tmp_path / "split"
+    train(sin_settings(run, eval_every=2, eval_tasks=5), stop_after=3)  # checkpoint at 3
+    with open(run / "evals.jsonl", "a") as f:  # as if killed after an evaluation at step 4
+        f.write(json.dumps({"step": 4, "mean": -1.0}) + "\n")
+    train(sin_settings(run, eval_every=2, eval_tasks=5), resume=True)
+    strip = lambda r: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                       for l in (r / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in strip(run)] == [2, 4, 6]
+    assert strip(run) == strip(tmp_path / "whole")
+
+
+def test_evaluation_settings_are_checked_and_may_change_on_resume(tmp_path):
+    for kw, message in (({"eval_every": -1}, "eval_every=-1 is invalid"),
+                        ({"eval_tasks": 1}, "eval_tasks=1 is invalid"),
+                        ({"eval_every": 1.5}, "eval_every=1.5 is invalid")):
+        with pytest.raises(ValueError, match=message):
+            train(sin_settings(tmp_path / "bad", **kw))
+        assert not (tmp_path / "bad").exists()
+    train(sin_settings(tmp_path / "run", steps=2))
+    train(sin_settings(tmp_path / "run", steps=4, eval_every=4, eval_tasks=3), resume=True)
+    evals = (tmp_path / "run" / "evals.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in evals] == [4]
 
 
 def test_sinusoid_run_writes_its_folder(tmp_path):
@@ -148,14 +224,19 @@ def test_omniglot_train_and_eval_on_real_data(tmp_path, omniglot_cache):
     s = RunSettings.from_preset("omniglot-5w1s", out=str(tmp_path / "run"), steps=2, tasks=2,
                                 inner_steps=2, progress=False, data_root=str(REAL_OMNIGLOT),
                                 task_batching="vmap")
+    s.eval_every, s.eval_tasks = 2, 6
     summary = train(s)
     assert 0.0 <= summary["last"]["accuracy"] <= 1.0
     r = evaluate(tmp_path / "run" / "checkpoint.pt", tasks=6)
-    assert r["metric"] == "accuracy" and r["tasks"] == 6 and 0 <= r["mean"] <= 100
+    assert r["metric"] == "accuracy" and r["tasks"] == 6 and r["unit"] == "%"
     assert r["split"].startswith("meta-test characters")
     # evaluation by hand: the same accuracy from the same episodes
-    import math
-    assert r["ci95"] >= 0 and not math.isnan(r["mean"])
+    mean, ci = meta_test_by_hand(tmp_path / "run" / "checkpoint.pt", 6,
+                                 data_root=str(REAL_OMNIGLOT))
+    # (the library counts in float32: 0.4 is 0.4000000059604645)
+    assert r["mean"] == pytest.approx(mean, rel=1e-6) and r["ci95"] == pytest.approx(ci, rel=1e-6)
+    # ... and the evaluation the run made at its last step
+    assert summary["eval"]["mean"] == r["mean"] and summary["eval"]["ci95"] == r["ci95"]
 
 
 def test_omniglot_needs_a_data_root(tmp_path):
