@@ -12,7 +12,8 @@ GPU run of bounded length gets as far through the paper's 30,000 steps as it can
 record says how many steps ran.
 
 Runs `imaml-fast train PRESET` with the given budget (the preset's other settings: for
-5-way 16 inner steps, for 20-way 25, lam = 2, 5 CG steps, Adam 1e-3), then `imaml-fast eval`
+5-way 16 inner steps, for 20-way 25, gd_armijo at inner lr 0.03, lam = 0.5, 5 CG steps, Adam
+1e-3; imaml_fast/presets.py), then `imaml-fast eval`
 on 600 meta-test tasks, and writes quick.json / quick.md with accuracy ± 95% CI, wall time, the settings and
 the learning curve's trend (mean train accuracy per tenth of the run) into --out.
 The paper reports, after full training, 99.16 ± 0.35 (iMAML-GD) and 99.50 ± 0.26 (iMAML-HF)
