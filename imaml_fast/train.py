@@ -388,6 +388,10 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
 
     t0 = time.perf_counter()
     last_eval = None
+    if s.eval_every and start and start % s.eval_every == 0 and start not in _logged_steps(evals_path):
+        # killed between the checkpoint and the evaluation of a step, or evaluations asked
+        # for only now: the checkpoint's step gets its evaluation (every rank reads the log)
+        last_eval = evaluate_now(start)
     step = start
     last = {}
     skipped = consecutive = 0
@@ -560,6 +564,19 @@ def train_multiprocess(s: RunSettings, resume: bool = False,
             raise ValueError(payload)
         return payload
     raise RuntimeError("the training processes ended without a result")
+
+
+def _logged_steps(path: Path) -> set:
+    """The steps of a metrics or evals log's complete lines."""
+    if not path.exists():
+        return set()
+    steps = set()
+    for line in path.read_text().splitlines():
+        try:
+            steps.add(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            break
+    return steps
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

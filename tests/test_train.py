@@ -83,6 +83,17 @@ def test_a_resumed_run_drops_evaluations_past_its_checkpoint_and_goes_on(tmp_pat
     assert strip(run) == strip(tmp_path / "whole")
 
 
+def test_a_resumed_run_evaluates_its_checkpoint_step_if_that_evaluation_is_missing(tmp_path):
+    train(sin_settings(tmp_path / "whole", eval_every=3, eval_tasks=5))
+    run = tmp_path / "split"
+    train(sin_settings(run, eval_every=3, eval_tasks=5), stop_after=3)  # checkpoint at 3
+    (run / "evals.jsonl").write_text("")  # as if killed between the checkpoint and its evaluation
+    train(sin_settings(run, eval_every=3, eval_tasks=5), resume=True)
+    strip = lambda r: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+                       for l in (r / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in strip(run)] == [3, 6] and strip(run) == strip(tmp_path / "whole")
+
+
 def test_evaluation_settings_are_checked_and_may_change_on_resume(tmp_path):
     for kw, message in (({"eval_every": -1}, "eval_every=-1 is invalid"),
                         ({"eval_tasks": 1}, "eval_tasks=1 is invalid"),
