@@ -692,7 +692,8 @@ def _eval_summary(s: RunSettings, values: torch.Tensor, seconds: float, step: in
     n = values.numel()
     mean, ci = values.mean().item(), 1.96 * values.std().item() / math.sqrt(n)
     scale = 1.0 if s.task == "sinusoid" else 100.0
-    return {"step": step, "metric": "mse" if s.task == "sinusoid" else "accuracy", "tasks": n,
+    return {"step": step, "preset": s.preset,
+            "metric": "mse" if s.task == "sinusoid" else "accuracy", "tasks": n,
             "mean": mean * scale, "ci95": ci * scale,
             "unit": "" if s.task == "sinusoid" else "%", "seconds": seconds, "eval_seed": seed,
             "split": "meta-test tasks" if s.task == "sinusoid" else "meta-test characters (423)"}
@@ -711,6 +712,6 @@ def evaluate(checkpoint_path, tasks: int = 600, data_root: Optional[str] = None,
     t0 = time.perf_counter()
     values = meta_test(s, learner, tasks, seed)
     summary = _eval_summary(s, values, time.perf_counter() - t0, ckpt["step"], seed)
-    result = {"checkpoint": str(path), "preset": s.preset, **summary, "settings": s.to_dict()}
+    result = {"checkpoint": str(path), **summary, "settings": s.to_dict()}
     write_json_atomic(result, Path(out) if out else path.parent / "eval.json")
     return result
