@@ -158,6 +158,10 @@ class RunSettings:
         if self.nproc > self.tasks:
             raise ValueError(f"nproc={self.nproc} is more than tasks={self.tasks}: every process "
                              f"needs at least one task of the meta-batch")
+        if self.eval_every and self.nproc > self.eval_tasks:
+            raise ValueError(f"nproc={self.nproc} is more than eval_tasks={self.eval_tasks}: every "
+                             f"process adapts a share of the evaluation tasks; give --eval-tasks "
+                             f">= {self.nproc}")
         if self.task == "omniglot" and self.n_way < 2:
             raise ValueError(f"n_way={self.n_way} is invalid for classification: use 2 or more")
         self.imaml_config()  # validates the engine's fields with their own messages

@@ -97,7 +97,9 @@ def test_a_resumed_run_evaluates_its_checkpoint_step_if_that_evaluation_is_missi
 def test_evaluation_settings_are_checked_and_may_change_on_resume(tmp_path):
     for kw, message in (({"eval_every": -1}, "eval_every=-1 is invalid"),
                         ({"eval_tasks": 1}, "eval_tasks=1 is invalid"),
-                        ({"eval_every": 1.5}, "eval_every=1.5 is invalid")):
+                        ({"eval_every": 1.5}, "eval_every=1.5 is invalid"),
+                        ({"eval_every": 2, "eval_tasks": 2, "nproc": 3},
+                         "nproc=3 is more than eval_tasks=2")):
         with pytest.raises(ValueError, match=message):
             train(sin_settings(tmp_path / "bad", **kw))
         assert not (tmp_path / "bad").exists()
