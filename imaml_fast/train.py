@@ -570,31 +570,29 @@ def train_multiprocess(s: RunSettings, resume: bool = False,
     raise RuntimeError("the training processes ended without a result")
 
 
-def _logged_steps(path: Path) -> set:
-    """The steps of a metrics or evals log's complete lines."""
+def _complete_lines(path: Path) -> list:
+    """(step, line) for the lines of a metrics or evals log up to the first that does not
+    parse: a line cut short by a kill, which is dropped with what follows."""
     if not path.exists():
-        return set()
-    steps = set()
+        return []
+    lines = []
     for line in path.read_text().splitlines():
         try:
-            steps.add(json.loads(line)["step"])
+            lines.append((json.loads(line)["step"], line))
         except (ValueError, KeyError):
             break
-    return steps
+    return lines
+
+
+def _logged_steps(path: Path) -> set:
+    """The steps of a metrics or evals log's complete lines."""
+    return {step for step, _ in _complete_lines(path)}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines of steps <= `step` (a resumed run rewrites the rest)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            break  # a line cut short by a kill: drop it and what follows
-    path.write_text("".join(l + "\n" for l in keep))
+    if path.exists():
+        path.write_text("".join(l + "\n" for k, l in _complete_lines(path) if k <= step))
 
 
 def _progress(s: RunSettings, start: int):

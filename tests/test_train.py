@@ -21,6 +21,12 @@ def params(run):
     return load_checkpoint(run / "checkpoint.pt")["model"]
 
 
+def log_records(path, drop=("tasks_per_s", "seconds")):
+    """The lines of a metrics or evals log without the fields that depend on timing."""
+    return [{k: v for k, v in json.loads(l).items() if k not in drop}
+            for l in path.read_text().splitlines()]
+
+
 def meta_test_by_hand(checkpoint, n, **overrides):
     """(mean, ci95) of the first n meta-test tasks of stream EVAL_SEED, drawn in meta-batches
     of the run's size, adapted from the checkpoint's parameters; each task's accuracy (%) or
@@ -53,9 +59,7 @@ def test_evaluations_during_training_are_the_meta_test_figures_and_change_nothin
     train(sin_settings(tmp_path / "plain"))
     a, b = params(tmp_path / "eval"), params(tmp_path / "plain")
     assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating took no training randomness
-    strip = lambda run: [{k: v for k, v in json.loads(l).items() if k not in ("tasks_per_s", "seconds")}
-                         for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path / "eval") == strip(tmp_path / "plain")
+    assert log_records(tmp_path / "eval" / "metrics.jsonl") == log_records(tmp_path / "plain" / "metrics.jsonl")
     assert not (tmp_path / "plain" / "evals.jsonl").exists()
     evals = [json.loads(l) for l in (tmp_path / "eval" / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [3, 6] and summary["eval"]["step"] == 6
@@ -77,10 +81,9 @@ def test_a_resumed_run_drops_evaluations_past_its_checkpoint_and_goes_on(tmp_pat
     with open(run / "evals.jsonl", "a") as f:  # as if killed after an evaluation at step 4
         f.write(json.dumps({"step": 4, "mean": -1.0}) + "\n")
     train(sin_settings(run, eval_every=2, eval_tasks=5), resume=True)
-    strip = lambda r: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-                       for l in (r / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in strip(run)] == [2, 4, 6]
-    assert strip(run) == strip(tmp_path / "whole")
+    got = log_records(run / "evals.jsonl")
+    assert [e["step"] for e in got] == [2, 4, 6]
+    assert got == log_records(tmp_path / "whole" / "evals.jsonl")
 
 
 def test_a_resumed_run_evaluates_its_checkpoint_step_if_that_evaluation_is_missing(tmp_path):
@@ -89,9 +92,8 @@ def test_a_resumed_run_evaluates_its_checkpoint_step_if_that_evaluation_is_missi
     train(sin_settings(run, eval_every=3, eval_tasks=5), stop_after=3)  # checkpoint at 3
     (run / "evals.jsonl").write_text("")  # as if killed between the checkpoint and its evaluation
     train(sin_settings(run, eval_every=3, eval_tasks=5), resume=True)
-    strip = lambda r: [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-                       for l in (r / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in strip(run)] == [3, 6] and strip(run) == strip(tmp_path / "whole")
+    got = log_records(run / "evals.jsonl")
+    assert [e["step"] for e in got] == [3, 6] and got == log_records(tmp_path / "whole" / "evals.jsonl")
 
 
 def test_evaluation_settings_are_checked_and_may_change_on_resume(tmp_path):
@@ -142,10 +144,7 @@ def test_resume_is_bit_identical(tmp_path):
     oa = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["optimizer"]
     ob = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["optimizer"]
     assert all(torch.equal(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"]) for i in oa["state"])
-    la = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    lb = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k not in ("tasks_per_s", "seconds")} for l in ls]
-    assert strip(la) == strip(lb)
+    assert log_records(tmp_path / "whole" / "metrics.jsonl") == log_records(tmp_path / "split" / "metrics.jsonl")
 
 
 def test_a_killed_run_loses_only_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch):
