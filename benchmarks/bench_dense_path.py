@@ -1,12 +1,13 @@
-"""Dense-Hessian path against matrix-free CG: a meta-step of small MLPs, to set where
-cg_dense="auto" stops materialising Hessians.
+"""Dense-Hessian path against matrix-free CG: a meta-step of small MLPs, to find where
+materialising Hessians pays.
 
 The dense path (imaml_fast/dense.py) builds each task's Hessian [T, P, P] once (P/256
 batched double-backward passes) and solves in one kernel; matrix-free CG runs one
 Hessian-vector product per iteration. Which wins depends on P and on whether the step is
 captured as a CUDA graph (the dense path's case was launch latency, which a graph replay
-removes). "auto" materialises on CUDA for P <= DENSE_MAX_PARAMS (4,096), a bound no
-meta-step measurement has set yet: this script measures it.
+removes). On an H200 (results/NVIDIA-H200/bench_dense_path.md) matrix-free won at every
+P from 321 to 4,353, captured and uncaptured, so cg_dense="auto" no longer materialises
+anywhere; "always" still does.
 
 Setting: MAML's sinusoid regression (the `sinusoid` preset: 10 support and 10 query points,
 10 inner steps, inner lr 0.02, lam = 2, cg_damping 10, 5 CG steps), T tasks, on 1-H-H-1

@@ -213,8 +213,12 @@ def run_setting(name, T, repeats, only=None, log=print, check_tasks=4, device="c
 def speed_markdown(payload):
     meta = payload["meta"]
     tf32 = meta["settings"].get("tf32")
+    engine = tf32.get("imaml_fast") if tf32 else None
     tf32 = (f"; TF32 for cuDNN convolutions {'on' if tf32['cudnn'] else 'off'}, for matmuls "
-            f"{'on' if tf32['matmul'] else 'off'}" if tf32 and meta.get("gpu") else "")
+            f"{'on' if tf32['matmul'] else 'off'}"
+            + (f" (imaml_fast's engine: {'on' if engine else 'off'}, IMAMLConfig.tf32)"
+               if engine is not None else "")
+            if tf32 and meta.get("gpu") else "")
     out = [f"### Seconds per meta-step\n\n{meta_line(meta)}{tf32}; median of "
            f"{meta['settings']['repeats']} interleaved rounds after a warm-up; random data, "
            f"authors' Omniglot network, T = {meta['settings']['tasks']}, 1 support + 1 query "
@@ -321,8 +325,9 @@ def speed_main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where every "
                     "implementation runs (on a GPU the timings synchronise the device)")
     ap.add_argument("--tf32", choices=("default", "on", "off"), default="default",
-                    help="on a GPU: TF32 for convolutions and matmuls (default: torch's own "
-                         "defaults, cuDNN convolutions in TF32)")
+                    help="on a GPU: TF32 for convolutions and matmuls, torch's global flags "
+                         "and imaml_fast's IMAMLConfig.tf32 (default: torch's own defaults, "
+                         "cuDNN convolutions in TF32, and imaml_fast's, TF32 off)")
     ap.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
                     help="every timed process's CPU allocator: glibc's default, or keep "
                          "(keep_freed_cpu_memory(), as imaml-fast train runs; benchmarks/timing.py)")
@@ -344,7 +349,8 @@ def speed_main(argv=None):
         "check_tasks": args.check_tasks, "threads_requested": args.threads,
         "malloc": args.malloc, "name": args.name,
         "tf32": {"requested": args.tf32, "cudnn": torch.backends.cudnn.allow_tf32,
-                 "matmul": torch.backends.cuda.matmul.allow_tf32},
+                 "matmul": torch.backends.cuda.matmul.allow_tf32,
+                 "imaml_fast": args.tf32 == "on"},
         "per_setting": {n: {"n_way": SETTINGS[n][0], "inner_steps": SETTINGS[n][1],
                             "shots": 1, "queries": 1, "cg_steps": 5, "lam": 2.0,
                             "inner_lr": 0.1} for n in args.settings},

@@ -7,8 +7,9 @@ learning rate given, and prints each float32 result's relative difference from f
 Where the inner gradient descent is close to unstable it amplifies rounding from step to
 step, and every implementation, the reference too, ends equally far from float64: the
 speed benchmarks' inner lr 0.1 is such a setting (the presets train with 0.03; see
-imaml_fast/presets.py). On a CUDA device each float32 row runs with cuDNN's TF32
-convolutions on (PyTorch's default) and off.
+imaml_fast/presets.py). On a CUDA device each float32 row runs with the engine's TF32
+(IMAMLConfig.tf32) on and off: the H200 rows of 2026-11-27, on against off, are why it is off
+by default.
 
     python benchmarks/precision.py [--device cuda] [--tasks 8] [--inner-lr 0.1 0.03]
         [--json out.json]
@@ -46,19 +47,15 @@ def measure(args):
         cfg = IMAMLConfig(inner_steps=args.inner_steps, cg_steps=5, lam=2.0, inner_lr=lr)
         exact = meta_gradient(model64, F.cross_entropy, *ep64, cfg)
         for tf32 in tf32_modes:
-            before = torch.backends.cudnn.allow_tf32
-            if tf32 is not None:
-                torch.backends.cudnn.allow_tf32 = tf32
-            try:
-                for name, c in (("imaml_fast default", cfg),
-                                ("imaml_fast reference", cfg.replace(backend="reference"))):
-                    r = meta_gradient(model, F.cross_entropy, *ep, c)
-                    rows.append({"inner_lr": lr, "tf32": tf32, "impl": name,
-                                 "meta_grad_vs_float64": rel(r.grads_flat, exact.grads_flat),
-                                 "adapted_vs_float64": rel(r.adapted_flat, exact.adapted_flat),
-                                 "backend": r.backend, "task_batching": str(r.task_batching)})
-            finally:
-                torch.backends.cudnn.allow_tf32 = before
+            for name, c in (("imaml_fast default", cfg),
+                            ("imaml_fast reference", cfg.replace(backend="reference"))):
+                # IMAMLConfig.tf32 decides inside the engine, whatever torch's global flags say
+                c = c.replace(tf32=bool(tf32))
+                r = meta_gradient(model, F.cross_entropy, *ep, c)
+                rows.append({"inner_lr": lr, "tf32": tf32, "impl": name,
+                             "meta_grad_vs_float64": rel(r.grads_flat, exact.grads_flat),
+                             "adapted_vs_float64": rel(r.adapted_flat, exact.adapted_flat),
+                             "backend": r.backend, "task_batching": str(r.task_batching)})
     return rows
 
 

@@ -6,7 +6,14 @@ latency, not arithmetic. Materialising H_i [T, P, P] costs one batched forward-o
 Jacobian of the gradient, after which the whole CG solve, every iteration of every task, is
 one kernel launch (kernels.dense_cg / the C++ and CUDA twins). On a CPU the P products of the
 materialisation cost far more than the few matrix-free products they replace, so "auto"
-uses the dense path only on CUDA devices.
+never chose it there. On a GPU the first whole-meta-step measurement (benchmarks/
+bench_dense_path.py on an H200: sinusoid MLPs of P = 321 to 4,353, T = 32, 10 inner steps,
+5 CG steps) had the dense path slower at every size, captured as a CUDA graph (1.65x at
+P = 321 to 44x at P = 4,353) and uncaptured (1.09x to 5.3x): the P/256 batched
+double-backward passes that build H cost more than the five products they replace, even
+where the solve itself is one launch. So "auto" keeps the matrix-free solve everywhere, and
+cg_dense="always" is there for solves that run many more CG iterations than they have
+parameters to materialise.
 """
 from __future__ import annotations
 
@@ -15,14 +22,13 @@ import torch
 from .cg import CGResult, cg_solve
 from .functional import FunctionalModel
 
-# Largest P for which "auto" materialises Hessians, and the most memory they may take.
-DENSE_MAX_PARAMS = 4096
+# The most memory cg_dense="always" may take for the Hessians [T, P, P].
 DENSE_MAX_BYTES = 2 << 30
 
 
-def dense_fits(T: int, P: int, dtype: torch.dtype) -> bool:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return P <= DENSE_MAX_PARAMS and T * P * P * elem <= DENSE_MAX_BYTES
+def dense_bytes(T: int, P: int, dtype: torch.dtype) -> int:
+    """Bytes of the T materialised P x P Hessians."""
+    return T * P * P * torch.empty((), dtype=dtype).element_size()
 
 
 def support_hessians(fm: FunctionalModel, phi: torch.Tensor, x, y, strategy="vmap",

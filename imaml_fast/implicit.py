@@ -19,11 +19,12 @@ from torch import nn
 from .backends import resolve_backend
 from .batching import choose_strategy, step_counts
 from .cg import CG_MAX_ITER, batched_dot, cg_solve
-from .dense import dense_fits, support_hessians
 from .config import IMAMLConfig
+from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
+from .precision import tf32_mode
 from .validation import validate_episode
 
 
@@ -136,12 +137,10 @@ def _check_operator(operator):
     return float(operator[0]), float(operator[1])
 
 
-def _use_dense(config: IMAMLConfig, fm: FunctionalModel, phi: torch.Tensor, ops) -> bool:
-    if config.cg_dense == "never" or "dense_cg" not in ops:
-        return False
-    if config.cg_dense == "always":
-        return True
-    return phi.device.type == "cuda" and dense_fits(phi.shape[0], phi.shape[1], phi.dtype)
+def _use_dense(config: IMAMLConfig, ops) -> bool:
+    # "auto" is matrix-free: materialising measured slower on the CPU and on a GPU, for every
+    # model size tried (imaml_fast/dense.py)
+    return config.cg_dense == "always" and "dense_cg" in ops
 
 
 def meta_gradient(model: nn.Module, loss_fn: Callable, x_support, y_support, x_query, y_query,
@@ -174,7 +173,7 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     (default fm.theta). validate_values=False skips the checks that synchronise with the host
     (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
-    with fm.layer_derivatives(config.layer_derivatives, backend):
+    with fm.layer_derivatives(config.layer_derivatives, backend), tf32_mode(config.tf32):
         return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values,
                                    backend)
 
@@ -186,6 +185,13 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
     if config.cg_dense == "always" and "dense_cg" not in backend.ops():
         raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "
                          f"use backend 'torch', 'triton', 'cpp' or 'cuda'")
+    if config.cg_dense == "always" and config.cg_steps > 0:
+        need = dense_bytes(xs.shape[0], theta.shape[-1], theta.dtype)
+        if need > DENSE_MAX_BYTES:
+            raise ValueError(f"cg_dense='always' would materialise {need / 2**30:.1f} GiB of "
+                             f"Hessians ({xs.shape[0]} tasks x {theta.shape[-1]}^2 parameters), "
+                             f"more than the {DENSE_MAX_BYTES / 2**30:.0f} GiB the dense path "
+                             f"allows: use cg_dense='auto' (matrix-free) or fewer tasks per call")
     if not backend.batched:
         from .backends.reference import meta_gradient_reference
 
@@ -211,7 +217,7 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
             cg_iters = torch.zeros(T, dtype=torch.long, device=phi.device)
             cg_residual = batched_dot(gq, gq).sqrt()
             cg_status = torch.full((T,), CG_MAX_ITER, dtype=torch.int8, device=phi.device)
-        elif _use_dense(config, fm, phi, ops):
+        elif _use_dense(config, ops):
             H = support_hessians(fm, phi, xs, ys, strategy)
             support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F)
             task_flat, cg_iters, cg_residual, cg_status = ops["dense_cg"](

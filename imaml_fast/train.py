@@ -34,12 +34,13 @@ from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
 from .config import IMAMLConfig
 from .functional import FunctionalModel
 from .models import omniglot_conv, sinusoid_mlp
+from .precision import tf32_mode
 from .presets import PRESETS
 from .trainer import IMAML
 
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
-                     "nproc", "cuda_graphs", "eval_every", "eval_tasks")
+                     "nproc", "cuda_graphs", "eval_every", "eval_tasks", "tf32")
 _NO_CHECKPOINT = ("--resume but {path} does not exist: start the run without --resume, or "
                   "point --out at the run folder")
 EVAL_SEED = 2019
@@ -80,6 +81,7 @@ class RunSettings:
     backend: str = "auto"
     task_batching: object = "auto"
     layer_derivatives: str = "closed_form"
+    tf32: bool = False              # as IMAMLConfig's: rounding only, so a resume may change it
     outer_lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
@@ -138,7 +140,7 @@ class RunSettings:
                            cg_tol=self.cg_tol, cg_damping=self.cg_damping, cg_clip=self.cg_clip,
                            hvp=self.hvp,
                            backend=self.backend, task_batching=self.task_batching,
-                           layer_derivatives=self.layer_derivatives)
+                           layer_derivatives=self.layer_derivatives, tf32=self.tf32)
 
     def validate(self) -> None:
         for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every", "nproc"):
@@ -345,7 +347,7 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
         cfg = s.imaml_config()
         backend = resolve_backend(cfg.backend, fm.device, fm.dtype)
         # timed the way a meta-step runs: its backend's ops in the products' graph
-        with fm.layer_derivatives(cfg.layer_derivatives, backend):
+        with fm.layer_derivatives(cfg.layer_derivatives, backend), tf32_mode(cfg.tf32):
             s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support,
                                               probe.y_support, **step_counts(cfg))
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1,

@@ -21,6 +21,7 @@ from .config import IMAMLConfig
 from .functional import FunctionalModel
 from .graphs import CaptureFailed, CapturedMetaGradient, config_why_not, graphs_why_not
 from .implicit import MetaGradient, meta_gradient_flat
+from .precision import tf32_mode
 
 
 @dataclass
@@ -182,11 +183,12 @@ class IMAML:
         from .validation import validate_episode
 
         theta = self._theta()
-        validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         c = self.config
+        with tf32_mode(c.tf32):  # the input check's probe call too, as in a meta-step
+            validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
-        with self._fm.layer_derivatives(c.layer_derivatives, backend):  # as in a meta-step
+        with self._fm.layer_derivatives(c.layer_derivatives, backend), tf32_mode(c.tf32):
             strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
                                        **step_counts(c, inner_only=True))
             res = solve_inner(self._fm, theta, x_support, y_support, c, strategy, ops)
@@ -197,5 +199,5 @@ class IMAML:
         flat = self._fm.flatten(adapted)
         if x.shape[0] != flat.shape[0]:
             raise ValueError(f"x has T={x.shape[0]} tasks but adapted has T={flat.shape[0]}")
-        with torch.no_grad():
+        with torch.no_grad(), tf32_mode(self.config.tf32):  # as in a meta-step
             return self._fm.outputs(flat, x, "vmap")

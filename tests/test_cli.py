@@ -132,6 +132,13 @@ def test_cg_clip_flag_reaches_the_settings(trained_settings, capsys):
     assert trained_settings["s"].cg_clip is False
 
 
+def test_tf32_flag_reaches_the_engine_config(trained_settings, capsys):
+    run(["train", "--tf32", "--out", "x"], capsys)
+    assert trained_settings["s"].tf32 is True and trained_settings["s"].imaml_config().tf32
+    run(["train", "--out", "y"], capsys)
+    assert trained_settings["s"].tf32 is False and not trained_settings["s"].imaml_config().tf32
+
+
 def test_inner_tol_flag_reaches_the_settings(trained_settings, capsys):
     run(["train", "--inner-solver", "gd_armijo", "--inner-tol", "0.05", "--out", "x"], capsys)
     assert trained_settings["s"].inner_tol == 0.05

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from _helpers import DT, class_episode, conv_bn, hessian, mlp, rel_err, task_loss_fn
 from imaml_fast import CG_CONVERGED, CG_NEGATIVE_CURVATURE, FunctionalModel, IMAMLConfig, meta_gradient
-from imaml_fast.dense import dense_cg_ref, dense_fits, support_hessians
+from imaml_fast.dense import DENSE_MAX_BYTES, dense_bytes, dense_cg_ref, support_hessians
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap", 2])
@@ -51,7 +51,7 @@ def test_dense_meta_gradient_equals_matrix_free(solver):
         assert rel_err(dense.inner_loss, other.inner_loss) < 1e-12
 
 
-def test_auto_stays_matrix_free_on_cpu_and_reference_has_no_dense_path():
+def test_auto_is_matrix_free_and_reference_has_no_dense_path():
     model = mlp()
     ep = class_episode(2, 4, 4, (3,), 2)
     r = meta_gradient(model, F.cross_entropy, *ep, IMAMLConfig(inner_steps=1))
@@ -62,7 +62,17 @@ def test_auto_stays_matrix_free_on_cpu_and_reference_has_no_dense_path():
         IMAMLConfig(cg_dense="sometimes")
 
 
-def test_dense_fits_limits():
-    assert dense_fits(32, 1761, torch.float32)
-    assert not dense_fits(32, 113_221, torch.float32)
-    assert not dense_fits(100_000, 4096, torch.float32)  # memory bound
+def test_always_refuses_hessians_over_the_memory_bound_before_computing_anything():
+    assert dense_bytes(32, 1761, torch.float32) == 32 * 1761 * 1761 * 4
+    model = mlp(3, 4000, 2)  # P = 24,002: two float64 Hessians take 8.6 GiB
+    before = [p.detach().clone() for p in model.parameters()]
+    ep = class_episode(2, 4, 4, (3,), 2)
+    assert dense_bytes(2, 24_002, DT) > DENSE_MAX_BYTES
+    with pytest.raises(ValueError, match=r"cg_dense='always' would materialise 8\.6 GiB .*"
+                                         r"cg_dense='auto'"):
+        meta_gradient(model, F.cross_entropy, *ep, IMAMLConfig(inner_steps=1, cg_dense="always"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the first-order solve materialises nothing, so the bound does not apply
+    r = meta_gradient(model, F.cross_entropy, *ep,
+                      IMAMLConfig(inner_steps=1, cg_steps=0, cg_dense="always"))
+    assert r.hvp == "revrev" and torch.isfinite(r.grads_flat).all()

@@ -40,7 +40,7 @@ def test_captured_pipeline_makes_no_host_sync(solver, hvp, clip):
 
 @pytest.mark.parametrize("solver", ["gd", "gd_armijo", "agd", "hf"])
 def test_captured_dense_path_makes_no_host_sync(solver):
-    # A small model on CUDA takes the dense-Hessian path under cg_dense="auto": captured too.
+    # The dense-Hessian path (cg_dense="always") captures too: no host read anywhere in it.
     fm = FunctionalModel(conv_bn().float().to("meta"), F.cross_entropy)
     xs = torch.empty(3, 4, 1, 6, 6, device="meta")
     ys = torch.empty(3, 4, dtype=torch.long, device="meta")

@@ -501,6 +501,26 @@ def test_cuda_graphs_may_change_on_resume(tmp_path):
     _check_resumable(saved, sin_settings(tmp_path), tmp_path / "checkpoint.pt")  # no error
 
 
+def test_tf32_may_change_on_resume_and_old_checkpoints_resume_without_it(tmp_path):
+    """TF32 changes the rounding of GPU convolutions, not the computation, so a run may resume
+    with it on or off, like --device; a checkpoint from before the setting reads as off."""
+    from imaml_fast.checkpoint import save_atomic
+    from imaml_fast.train import RESUMABLE_CHANGES, _check_resumable
+
+    assert "tf32" in RESUMABLE_CHANGES
+    saved = sin_settings(tmp_path, tf32=True).to_dict()
+    _check_resumable(saved, sin_settings(tmp_path), tmp_path / "checkpoint.pt")  # no error
+    run = tmp_path / "run"
+    train(sin_settings(run, steps=2))
+    ck = load_checkpoint(run / "checkpoint.pt")
+    assert ck["settings"]["tf32"] is False
+    del ck["settings"]["tf32"]
+    save_atomic(ck, run / "checkpoint.pt")
+    train(sin_settings(run, steps=3, tf32=True), resume=True)
+    ck = load_checkpoint(run / "checkpoint.pt")
+    assert ck["step"] == 3 and ck["settings"]["tf32"] is True
+
+
 def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_identically(tmp_path):
     """max_seconds ends the run at the first step past the limit (here: the first step),
     with a checkpoint; resuming then ends bit-identical to an uninterrupted run."""

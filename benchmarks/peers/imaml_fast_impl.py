@@ -17,8 +17,12 @@ UNCAPTURED = "imaml_fast uncaptured"
 
 
 def config(s: Settings, **overrides):
+    """The engine's config for settings s; compare.py --tf32 on also lets the engine use TF32
+    (IMAMLConfig.tf32, off by default whatever torch's global flags say)."""
     from imaml_fast import IMAMLConfig
 
+    if os.environ.get("IMAML_FAST_BENCH_TF32") == "on":
+        overrides.setdefault("tf32", True)
     return IMAMLConfig(inner_solver="gd", inner_steps=s.inner_steps, inner_lr=s.inner_lr,
                        lam=s.lam, cg_steps=s.cg_steps, cg_tol=s.cg_tol, **overrides)
 
