@@ -13,7 +13,9 @@ style of flash-attention / xformers:
   CUDACXX / CUDA_HOME             where nvcc is (else PATH, else /usr/local/cuda/bin/nvcc)
 
 Without cmake (or pybind11) the install still succeeds, without _C; the cpp/cuda backends then
-report "imaml_fast._C is not built". A compile error (C++ or CUDA) fails the build.
+report "imaml_fast._C is not built". A compile error (C++ or CUDA) fails the build. cmake and
+ninja are the first on PATH that run: a wrapper script left by a pip-installed cmake whose
+Python package is not importable (as in pip's isolated build environments) is passed over.
 """
 import os
 import shutil
@@ -34,6 +36,23 @@ def _flag(name):
 
 def _warn(msg):
     print(f"WARNING: imaml_fast: {msg}", file=sys.stderr, flush=True)
+
+
+def _working_tool(name):
+    """The first `name` on PATH that answers --version, else None."""
+    seen = set()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which(name, path=folder) if folder else None
+        if not path or os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        try:
+            if subprocess.run([path, "--version"], capture_output=True,
+                              timeout=60).returncode == 0:
+                return path
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
 
 
 def _find_nvcc():
@@ -60,8 +79,9 @@ class CMakeBuild(build_ext):
         missing = None
         if _flag("IMAML_FAST_SKIP_EXT"):
             missing = "IMAML_FAST_SKIP_EXT=1"
-        elif shutil.which("cmake") is None:
-            missing = "cmake was not found on PATH"
+        elif _working_tool("cmake") is None:
+            missing = ("cmake was not found on PATH" if shutil.which("cmake") is None else
+                       "no cmake on PATH runs (`cmake --version` failed)")
         else:
             try:
                 import pybind11  # noqa: F401
@@ -103,11 +123,12 @@ class CMakeBuild(build_ext):
             args.append("-DIMAML_FAST_CUDA=AUTO")  # CMake looks once more, then says why not
         archs = os.environ.get("IMAML_FAST_CUDA_ARCHS") or os.environ.get("CUDA_ARCHS")
         args.append(f"-DIMAML_FAST_CUDA_ARCHS={archs or ''}")
-        if shutil.which("ninja") and not os.environ.get("CMAKE_GENERATOR"):
-            args.append("-GNinja")
+        cmake, ninja = _working_tool("cmake"), _working_tool("ninja")
+        if ninja and not os.environ.get("CMAKE_GENERATOR"):
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS", "2")
 
-        configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir)] + args
+        configure = [cmake, "-S", str(ROOT), "-B", str(build_dir)] + args
         try:
             subprocess.run(configure, check=True)
         except subprocess.CalledProcessError:
@@ -119,7 +140,7 @@ class CMakeBuild(build_ext):
             cache.unlink()
             shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
             subprocess.run(configure, check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "--parallel", jobs],
+        subprocess.run([cmake, "--build", str(build_dir), "--target", "_C", "--parallel", jobs],
                        check=True)
 
         built = sorted(stage_dir.glob("_C*"))
