@@ -136,9 +136,12 @@ def main(argv=None):
     if args.amp != "none":
         variants.append((f"default, amp={args.amp}", base.replace(amp=args.amp)))
     if torch.device(args.device).type == "cuda":
-        # what IMAML runs on a CUDA model; with the presets' line-search solver, and in bf16
+        # what IMAML runs on a CUDA model; with the presets' line-search solver, with TF32
+        # convolutions (IMAMLConfig.tf32), and in bf16
         variants.append(("default, CUDA graphs", base))
         variants.append(("default, gd_armijo, CUDA graphs", base.replace(inner_solver="gd_armijo")))
+        variants.append(("default, tf32", base.replace(tf32=True)))
+        variants.append(("default, tf32, CUDA graphs", base.replace(tf32=True)))
         if args.amp != "none":
             variants.append((f"default, amp={args.amp}, CUDA graphs", base.replace(amp=args.amp)))
     if args.skip_reference:

@@ -2,10 +2,12 @@
 # The GPU check: build the extension for this GPU, run the GPU tests, and print the
 # microbenchmarks and meta-step timings, writing raw output under $RESULTS (default
 # benchmarks/results/<gpu name>/). On one H100 the build, tests and kernel/meta-step benchmarks
-# took about 5 minutes; the peers comparison and the memory figure add about 4, the 20-way
-# comparison and the dense-path sweep (neither run on a GPU yet) perhaps 3: more than one
-# 10-minute call. Split it: GPU_CHECK_ONLY="tests meta compare memory" (about 8 minutes),
-# then GPU_CHECK_ONLY="triton compare20 cg kernels precision dense profile" (about 4). Every step has its
+# took about 5 minutes; the peers comparison and the memory figure add about 4. On one H200
+# "tests memory compare20 precision dense" took 5.5 minutes (build 26 s, tests 37 s, memory
+# 113 s, compare20 110 s, precision 11 s, dense 31 s) and "tf32 train" with 3 training
+# minutes 6.3: more than one 10-minute call in all. Split it: GPU_CHECK_ONLY="tests meta
+# compare memory" (about 8 minutes), then GPU_CHECK_ONLY="triton compare20 cg kernels
+# precision dense profile" (about 4). Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
@@ -13,7 +15,8 @@
 #
 # Environment: PYTHON (default python3); RESULTS (the output folder); GPU_CHECK_ONLY="tests
 # compare" runs the build and only these steps (of: tests triton meta compare compare20
-# memory cg kernels precision dense profile; and tf32, a diagnostic, train, minutes of Omniglot
+# memory cg kernels precision dense profile; and tf32, the 5-way step with TF32 on then off
+# (about 2.5 minutes), train, minutes of Omniglot
 # training (GPU_CHECK_TRAIN_MINUTES, default 6; GPU_CHECK_TRAIN_PRESET, default omniglot-5w1s;
 # OMNIGLOT_ROOT), and inner, benchmarks/inner_convergence.py on GPU_CHECK_TRAIN_PRESET (default
 # there omniglot-20w1s) for GPU_CHECK_INNER_STEPS meta-steps (default 300), which only run
