@@ -18,7 +18,8 @@
 # memory cg kernels precision dense profile; and tf32, the 5-way step with TF32 on then off
 # (about 2.5 minutes), train, minutes of Omniglot
 # training (GPU_CHECK_TRAIN_MINUTES, default 6; GPU_CHECK_TRAIN_PRESET, default omniglot-5w1s;
-# OMNIGLOT_ROOT), and inner, benchmarks/inner_convergence.py on GPU_CHECK_TRAIN_PRESET (default
+# GPU_CHECK_TRAIN_TF32=1 for TF32 convolutions, as the H200's first run had; OMNIGLOT_ROOT),
+# and inner, benchmarks/inner_convergence.py on GPU_CHECK_TRAIN_PRESET (default
 # there omniglot-20w1s) for GPU_CHECK_INNER_STEPS meta-steps (default 300), which only run
 # when named);
 # GPU_CHECK_ARCHIVE=FILE
@@ -111,7 +112,7 @@ mins=${GPU_CHECK_TRAIN_MINUTES:-6}
 log "Omniglot meta-training (${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}, the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
 timeout $(( ${mins%.*} * 60 + 240 )) $PY benchmarks/train_omniglot_quick.py --device cuda \
   --preset "${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}" --tasks 32 --steps 30000 \
-  --minutes "$mins" --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
+  --minutes "$mins" ${GPU_CHECK_TRAIN_TF32:+--tf32} --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
   --out "$RESULTS/omniglot_train" 2>&1 | tee "$RESULTS/omniglot_train.txt" \
   || fail "train_omniglot_quick"; pack
 fi

@@ -52,6 +52,8 @@ def main(argv=None):
                     help="override the preset's inner solver")
     ap.add_argument("--minutes", type=float, default=None,
                     help="time limit of the training part (default: none)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="GPU: TF32 convolutions in the engine (IMAMLConfig.tf32; default off)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ def main(argv=None):
     s = RunSettings.from_preset(args.preset, steps=args.steps, tasks=args.tasks,
                                 data_root=args.data_root, out=str(run), progress=False,
                                 checkpoint_every=max(1, min(args.steps // 4, 1000)),
-                                device=args.device, inner_solver=args.inner_solver)
+                                device=args.device, inner_solver=args.inner_solver,
+                                tf32=True if args.tf32 else None)
     t0 = time.perf_counter()
     summary = train(s, max_seconds=None if args.minutes is None else 60 * args.minutes)
     train_s = time.perf_counter() - t0
@@ -85,6 +88,7 @@ def main(argv=None):
     ran = (f"{summary['steps']} of {args.steps} meta-steps (stopped at the {args.minutes:g}-minute "
            f"limit)" if summary.get("stopped") else f"{summary['steps']} meta-steps")
     solver = f" (inner solver {s.inner_solver})" if args.inner_solver else ""
+    solver += ", TF32" if args.tf32 else ""
     md = (f"{args.preset}{solver}, {ran} of {args.tasks} tasks on {where}, torch {result['torch']}, "
           f"{result['date']}\n\n"
           f"| meta-test accuracy ({r['tasks']} tasks) | train time | s / step | train accuracy by tenth of the run |\n"
