@@ -81,7 +81,9 @@ why here (every measurement before the lam item's was made at lam 2):
   the paper's operator, cg_damping 0 (below). The 5-way presets keep 10 (undamped they fail).
 - 20-way: cg_damping 0 for 1-shot (the paper's operator; above: 87.16% against 84.48% with
   50 after 2,000 steps, seed 0, and 81.82% against 80.29% after 800 with seed 1), 50 for
-  5-shot, which has not been run undamped. The history of 50, all at lam 2 except where said
+  5-shot: undamped, its CG stopped on negative curvature on 29 of the first 40 steps (up to
+  56% of a step's tasks) and it trailed damping 50 by 1.7-6.4 points of training accuracy in
+  every block of 10 steps (results/cpu-epyc-2core/inner_solvers/, section 9). The history of 50, all at lam 2 except where said
   (with lam 0.5 the undamped operator no longer meets the failures below on 20-way 1-shot,
   and `imaml-fast train` warns, suggesting a larger --cg-damping, if it starts to): with the
   fixed-step inner loop no setting trained 20-way 1-shot
