@@ -18,6 +18,10 @@ Faster than the authors' structure: matrix_evaluator builds the training-gradien
 on its first product, and reuses it for every later product (the authors' evaluator rebuilds
 it for every CG iteration); learn_on_data syncs with the host once, not once per step; and
 meta_gradient_batch replaces the whole per-task loop with one batched imaml_fast call.
+
+On a GPU the per-task methods run the model as the authors' code does, under torch's global
+TF32 flags; meta_gradient_batch goes through imaml_fast's engine, whose convolutions run in
+full float32 unless IMAMLConfig.tf32 (imaml_fast.precision).
 """
 from __future__ import annotations
 
