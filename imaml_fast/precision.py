@@ -12,7 +12,9 @@ calls with TF32 off by default, and IMAMLConfig(tf32=True) opts in to the speed.
 
 tf32_mode(allow) sets PyTorch's flags for the block and puts back exactly what was there: the
 legacy flags where they can be read, else (settings mixed through torch's newer
-fp32_precision API, which makes the legacy getters raise) the newer API's strings.
+fp32_precision API, which makes the legacy getters raise) the newer API's strings. The flags
+are process-wide: another thread running convolutions during a meta-step sees the engine's
+setting for that time.
 """
 from __future__ import annotations
 
