@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .layers import closed_form_layers
+from .precision import tf32_mode
 
 
 def check_batchnorm(model: nn.Module) -> None:
@@ -120,6 +121,14 @@ class FunctionalModel:
             yield
         finally:
             self.closed_form, self.bn_kernel = before
+
+    @contextmanager
+    def engine_mode(self, config, backend=None):
+        """Within this block the model runs as the engine runs it for `config` (an
+        IMAMLConfig): its layer derivatives (see layer_derivatives) and TF32 per config.tf32
+        (imaml_fast.precision). Every entry point that adapts or differentiates uses it."""
+        with self.layer_derivatives(config.layer_derivatives, backend), tf32_mode(config.tf32):
+            yield
 
     # ---- flat layout -------------------------------------------------------------------
     def flatten_params(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:

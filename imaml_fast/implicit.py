@@ -24,7 +24,6 @@ from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
-from .precision import tf32_mode
 from .validation import validate_episode
 
 
@@ -173,7 +172,7 @@ def meta_gradient_flat(fm: FunctionalModel, xs, ys, xq, yq, config: IMAMLConfig,
     (default fm.theta). validate_values=False skips the checks that synchronise with the host
     (finiteness, the probe call of the loss): for CUDA-graph capture (imaml_fast.graphs)."""
     backend = resolve_backend(config.backend, fm.device, fm.dtype)
-    with fm.layer_derivatives(config.layer_derivatives, backend), tf32_mode(config.tf32):
+    with fm.engine_mode(config, backend):
         return _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_values,
                                    backend)
 

@@ -41,7 +41,7 @@ def _saved() -> List[Tuple[object, str, object]]:
         return [(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32),
                 (torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)]
     except RuntimeError:  # set through both APIs (torch >= 2.9): keep the newer API's strings
-        return [(*_resolve(p), getattr(*_resolve(p))) for p in _PRECISION_PATHS]
+        return [(obj, name, getattr(obj, name)) for obj, name in map(_resolve, _PRECISION_PATHS)]
 
 
 @contextlib.contextmanager

@@ -34,7 +34,6 @@ from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, save_atomic,
 from .config import IMAMLConfig
 from .functional import FunctionalModel
 from .models import omniglot_conv, sinusoid_mlp
-from .precision import tf32_mode
 from .presets import PRESETS
 from .trainer import IMAML
 
@@ -347,7 +346,7 @@ def _train(s: RunSettings, resume: bool, stop_after, max_seconds, rank: int, wor
         cfg = s.imaml_config()
         backend = resolve_backend(cfg.backend, fm.device, fm.dtype)
         # timed the way a meta-step runs: its backend's ops in the products' graph
-        with fm.layer_derivatives(cfg.layer_derivatives, backend), tf32_mode(cfg.tf32):
+        with fm.engine_mode(cfg, backend):
             s.task_batching = choose_strategy("auto", fm, fm.theta, probe.x_support,
                                               probe.y_support, **step_counts(cfg))
     learner = IMAML(model, loss_fn, s.imaml_config(), optimizer, distributed=world > 1,

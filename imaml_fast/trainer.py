@@ -188,7 +188,7 @@ class IMAML:
             validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
-        with self._fm.layer_derivatives(c.layer_derivatives, backend), tf32_mode(c.tf32):
+        with self._fm.engine_mode(c, backend):
             strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
                                        **step_counts(c, inner_only=True))
             res = solve_inner(self._fm, theta, x_support, y_support, c, strategy, ops)
