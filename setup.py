@@ -17,6 +17,7 @@ report "imaml_fast._C is not built". A compile error (C++ or CUDA) fails the bui
 ninja are the first on PATH that run: a wrapper script left by a pip-installed cmake whose
 Python package is not importable (as in pip's isolated build environments) is passed over.
 """
+import functools
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ def _warn(msg):
     print(f"WARNING: imaml_fast: {msg}", file=sys.stderr, flush=True)
 
 
+@functools.lru_cache(maxsize=None)
 def _working_tool(name):
     """The first `name` on PATH that answers --version, else None."""
     seen = set()
