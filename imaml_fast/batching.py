@@ -38,7 +38,7 @@ _TUNE_MARGIN = 0.9
 
 def _key(fm: FunctionalModel, x: torch.Tensor):
     return (type(fm.model).__qualname__, tuple(map(tuple, fm.shapes)), repr(fm.model),
-            tuple(x.shape), x.dtype, fm.dtype, x.device.type)
+            tuple(x.shape), x.dtype, fm.dtype, x.device.type, fm.hand_batched(x))
 
 
 def candidates(T: int):

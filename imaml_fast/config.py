@@ -16,6 +16,7 @@ TASK_BATCHING = ("auto", "vmap", "loop")
 CG_DENSE = ("auto", "never", "always")
 AMP = ("none", "bf16", "fp16")
 LAYER_DERIVATIVES = ("closed_form", "autograd")
+LAYER_BATCHING = ("auto", "vmap")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -83,8 +84,9 @@ class IMAMLConfig:
         every CG iteration) or "auto" (revrev: measured faster on CPU, see README).
     backend: "auto" | "reference" | "torch"; imaml_fast.backend_info() lists what runs here.
     task_batching: how the batched backends run the T tasks through the model: "vmap" (all
-        tasks in one vmap), "loop" (one functional call per task), an int k (vmap over chunks
-        of k tasks) or "auto" (measured once per model, shape and device, then cached).
+        tasks in one batched call: under vmap, or hand-batched, see layer_batching), "loop"
+        (one functional call per task), an int k (chunks of k tasks) or "auto" (measured once
+        per model, shape and device, then cached).
     check_finite: IMAML.meta_step refuses a non-finite meta-gradient (one host sync per step).
     tf32: let the model's float32 convolutions and matmuls on a GPU run in TF32 inside the
         engine. Off by default, whatever torch's global flags say (PyTorch turns it on for
@@ -105,6 +107,13 @@ class IMAMLConfig:
         their backward passes. Same values up to rounding, products about 1.5x cheaper on
         the Omniglot network. "autograd" keeps ATen's own layers throughout. The sequential
         reference backend and hvp="fwdrev" always use ATen's.
+    layer_batching: how one batched call runs the model over its tasks. "auto" (default): a
+        model that is a plain stack of known layers (an nn.Sequential of convolutions,
+        BatchNorm with batch statistics, linear layers, activations, padding, pooling,
+        flatten: imaml_fast.stacked lists them) runs hand-batched, its activations kept in
+        one [N, T*C, ...] layout from layer to layer, so a pass dispatches fewer operations
+        and moves less memory; any other model runs under torch.func.vmap. "vmap": always
+        vmap. Same values up to rounding.
     """
 
     inner_solver: str = "gd"
@@ -126,6 +135,7 @@ class IMAMLConfig:
     layer_derivatives: str = "closed_form"
     inner_tol: float = 0.0  # after the older fields, so that positional construction keeps
     tf32: bool = False      # its meaning
+    layer_batching: str = "auto"
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -162,6 +172,8 @@ class IMAMLConfig:
             _fail("amp", self.amp, f"allowed values are {AMP}")
         if self.layer_derivatives not in LAYER_DERIVATIVES:
             _fail("layer_derivatives", self.layer_derivatives, f"allowed values are {LAYER_DERIVATIVES}")
+        if self.layer_batching not in LAYER_BATCHING:
+            _fail("layer_batching", self.layer_batching, f"allowed values are {LAYER_BATCHING}")
         if not isinstance(self.check_finite, bool):
             _fail("check_finite", self.check_finite, "expected True or False")
         if not isinstance(self.tf32, bool):

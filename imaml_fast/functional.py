@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .layers import closed_form_layers
+from . import stacked as _stacked
 from .precision import tf32_mode
 
 
@@ -101,6 +102,11 @@ class FunctionalModel:
         # asks for ATen's own (layer_derivatives("autograd")).
         self.closed_form = True
         self.bn_kernel = None  # a backend's fused BatchNorm double backward, see layer_derivatives
+        # A plain stack of known layers runs hand-batched over tasks instead of under vmap
+        # (imaml_fast.stacked); None where the model is not one. layer_batching: "auto" uses
+        # it where there is one, "vmap" never (IMAMLConfig.layer_batching, set by engine_mode).
+        self.stacked = _stacked.plan(model, self.names, self.buffers)
+        self.layer_batching = "auto"
 
     @contextmanager
     def layer_derivatives(self, mode: str, backend=None):
@@ -127,8 +133,19 @@ class FunctionalModel:
         """Within this block the model runs as the engine runs it for `config` (an
         IMAMLConfig): its layer derivatives (see layer_derivatives) and TF32 per config.tf32
         (imaml_fast.precision). Every entry point that adapts or differentiates uses it."""
-        with self.layer_derivatives(config.layer_derivatives, backend), tf32_mode(config.tf32):
-            yield
+        before = self.layer_batching
+        self.layer_batching = config.layer_batching
+        try:
+            with self.layer_derivatives(config.layer_derivatives, backend), tf32_mode(config.tf32):
+                yield
+        finally:
+            self.layer_batching = before
+
+    def hand_batched(self, x: torch.Tensor) -> bool:
+        """Whether a batched call on inputs x [t, N, ...] runs the hand-batched layers
+        (imaml_fast.stacked) rather than vmap. Not under amp: see imaml_fast.stacked."""
+        return (self.stacked is not None and self.layer_batching == "auto"
+                and self.amp_dtype is None and self.stacked.accepts(x))
 
     # ---- flat layout -------------------------------------------------------------------
     def flatten_params(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -212,6 +229,8 @@ class FunctionalModel:
             out = fn(tuple(p[0] for p in params), *(a[0] for a in args))
             return (tuple(o.unsqueeze(0) for o in out) if isinstance(out, tuple)
                     else out.unsqueeze(0))
+        if self.hand_batched(args[0]):
+            return _stacked.run(self, fn_name, params, args)
         return vmap(fn)(params, *args)
 
     def run_batched(self, fn_name: str, params: Tuple[torch.Tensor, ...],

@@ -21,7 +21,6 @@ from .config import IMAMLConfig
 from .functional import FunctionalModel
 from .graphs import CaptureFailed, CapturedMetaGradient, config_why_not, graphs_why_not
 from .implicit import MetaGradient, meta_gradient_flat
-from .precision import tf32_mode
 
 
 @dataclass
@@ -184,7 +183,7 @@ class IMAML:
 
         theta = self._theta()
         c = self.config
-        with tf32_mode(c.tf32):  # the input check's probe call too, as in a meta-step
+        with self._fm.engine_mode(c):  # the input check's probe call too, as in a meta-step
             validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
@@ -199,5 +198,5 @@ class IMAML:
         flat = self._fm.flatten(adapted)
         if x.shape[0] != flat.shape[0]:
             raise ValueError(f"x has T={x.shape[0]} tasks but adapted has T={flat.shape[0]}")
-        with torch.no_grad(), tf32_mode(self.config.tf32):  # as in a meta-step
+        with torch.no_grad(), self._fm.engine_mode(self.config):  # as in a meta-step
             return self._fm.outputs(flat, x, "vmap")

@@ -1,0 +1,228 @@
+"""Hand-batched layers (imaml_fast.stacked): which models they take, and the same values as
+an independent per-task computation for every supported layer."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _helpers import DT, task_loss_fn
+from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
+from imaml_fast import stacked
+from imaml_fast.hvp import BatchedHVP
+from imaml_fast.models import conv4_maxpool, omniglot_conv, sinusoid_mlp
+
+
+def _bn(cls, c, **kw):
+    return cls(c, track_running_stats=False, **kw)
+
+
+# (name, model, per-task input shape, loss, target maker)
+def _ce(n):
+    return lambda T, N: torch.randint(0, n, (T, N))
+
+
+def _models():
+    return [
+        ("omniglot_conv", omniglot_conv(4, filters=4), (1, 28, 28), F.cross_entropy, _ce(4)),
+        ("conv4_maxpool", conv4_maxpool(3, in_channels=2, filters=3, image_size=16), (2, 16, 16),
+         F.cross_entropy, _ce(3)),
+        ("grouped_dilated_same", nn.Sequential(
+            nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2, bias=False),
+            _bn(nn.BatchNorm2d, 6, affine=False), nn.LeakyReLU(0.1),
+            nn.ConstantPad2d((1, 0, 2, 1), 0.5), nn.AvgPool2d(2), nn.Conv2d(6, 2, 1),
+            nn.GELU()), (4, 7, 6), F.mse_loss, None),
+        ("conv1d_bn1d", nn.Sequential(
+            nn.Conv1d(3, 4, 3, stride=2), _bn(nn.BatchNorm1d, 4), nn.ELU(), nn.MaxPool1d(2),
+            nn.ZeroPad1d(1), nn.Flatten(), nn.Linear(4 * 5, 3)), (3, 13), F.cross_entropy, _ce(3)),
+        ("conv3d", nn.Sequential(
+            nn.Conv3d(2, 3, 2), _bn(nn.BatchNorm3d, 3), nn.SiLU(), nn.Flatten(),
+            nn.Linear(3 * 8, 2, bias=False), nn.Dropout(0.0)), (2, 3, 3, 3), F.cross_entropy, _ce(2)),
+        ("mlp_bn1d", nn.Sequential(
+            nn.Linear(5, 6), _bn(nn.BatchNorm1d, 6), nn.Tanh(), nn.Sequential(
+                nn.Linear(6, 4), nn.Softplus(), nn.Identity()), nn.Linear(4, 2)), (5,),
+         F.mse_loss, None),
+        ("sinusoid_mlp", sinusoid_mlp(8), (1,), F.mse_loss, None),
+        ("flatten_first", nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Sigmoid()),
+         (3, 2, 2), F.mse_loss, None),
+    ]
+
+
+def _episode(model, shape, loss, target, T=3, N=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, N, *shape, dtype=DT, generator=g)
+    if target is None:
+        with torch.no_grad():
+            out_shape = model(x[0]).shape
+        y = torch.randn(T, *out_shape, dtype=DT, generator=g)
+    else:
+        y = target(T, N)
+    return x, y
+
+
+@pytest.mark.parametrize("case", _models(), ids=lambda c: c[0])
+def test_plan_takes_every_supported_model(case):
+    _, model, *_ = case
+    fm = FunctionalModel(model.to(DT), F.mse_loss)
+    assert fm.stacked is not None
+
+
+@pytest.mark.parametrize("case", _models(), ids=lambda c: c[0])
+def test_outputs_losses_gradients_and_products_equal_per_task_ones(case):
+    """Against a loop over tasks of the plain per-task model (task_loss_fn: written without
+    the package's batching), float64."""
+    _, model, shape, loss, target = case
+    model = model.to(DT)
+    torch.manual_seed(1)
+    fm = FunctionalModel(model, loss)
+    x, y = _episode(model, shape, loss, target)
+    T = x.shape[0]
+    assert fm.hand_batched(x)
+    phi = fm.theta + 0.1 * torch.randn(T, fm.num_params, dtype=DT)
+    out = fm.outputs(phi, x)
+    losses = fm.losses(phi, x, y)
+    g, losses2 = fm.grad_and_losses(phi, x, y)
+    v = torch.randn(T, fm.num_params, dtype=DT)
+    hv = BatchedHVP(fm, phi, x, y, "revrev")(v)
+    with fm.layer_derivatives("autograd"):
+        hv_aten = BatchedHVP(fm, phi, x, y, "revrev")(v)
+    hv_fwd = BatchedHVP(fm, phi, x, y, "fwdrev")(v)
+    for i in range(T):
+        f = task_loss_fn(model, loss, x[i], y[i])
+        w = phi[i].clone().requires_grad_(True)
+        li = f(w)
+        gi, = torch.autograd.grad(li, w, create_graph=True)
+        hvi, = torch.autograd.grad(gi, w, v[i])
+        params = {n: t for n, t in fm.unflatten(phi[i]).items()}
+        oi = torch.func.functional_call(model, params, (x[i],))
+        torch.testing.assert_close(out[i], oi, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(losses[i], li.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(losses2[i], li.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g[i], gi.detach(), rtol=1e-10, atol=1e-12)
+        for h in (hv, hv_aten, hv_fwd):
+            torch.testing.assert_close(h[i], hvi, rtol=1e-9, atol=1e-11)
+
+
+def test_the_hand_batched_path_runs_and_vmap_gives_the_same(monkeypatch):
+    model = omniglot_conv(3, filters=4).to(DT)
+    fm = FunctionalModel(model, F.cross_entropy)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=4)
+    phi = fm.theta + 0.05 * torch.randn(4, fm.num_params, dtype=DT)
+    calls = []
+    forward = stacked.StackedPlan.forward
+    monkeypatch.setattr(stacked.StackedPlan, "forward",
+                        lambda self, p, xx: calls.append(xx.shape) or forward(self, p, xx))
+    g_auto, l_auto = fm.grad_and_losses(phi, x, y, "vmap")
+    g_chunk, _ = fm.grad_and_losses(phi, x, y, 3)  # chunks of 3 and 1 task
+    assert calls == [x.shape, (3, *x.shape[1:]), (1, *x.shape[1:])]
+    with fm.engine_mode(IMAMLConfig(layer_batching="vmap")):
+        g_vmap, l_vmap = fm.grad_and_losses(phi, x, y, "vmap")
+    assert len(calls) == 3  # vmap did not call it
+    torch.testing.assert_close(g_auto, g_vmap, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(g_chunk, g_vmap, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(l_auto, l_vmap, rtol=1e-12, atol=0)
+
+
+def test_meta_gradient_is_the_same_with_either_layer_batching():
+    model = omniglot_conv(3, filters=4).to(DT)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3)
+    xq, yq = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3, seed=1)
+    base = IMAMLConfig(inner_solver="gd_armijo", inner_steps=3, cg_steps=3, cg_damping=1.0,
+                       task_batching="vmap")
+    a = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base)
+    b = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base.replace(layer_batching="vmap"))
+    torch.testing.assert_close(a.grads_flat, b.grads_flat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.adapted_flat, b.adapted_flat, rtol=1e-10, atol=1e-12)
+
+
+def test_engine_mode_restores_layer_batching_after_an_error():
+    fm = FunctionalModel(sinusoid_mlp(4), F.mse_loss)
+    with pytest.raises(RuntimeError, match="boom"):
+        with fm.engine_mode(IMAMLConfig(layer_batching="vmap")):
+            assert fm.layer_batching == "vmap"
+            raise RuntimeError("boom")
+    assert fm.layer_batching == "auto"
+
+
+def test_config_rejects_an_unknown_layer_batching():
+    with pytest.raises(ValueError, match=r"layer_batching='hand'.*\('auto', 'vmap'\)"):
+        IMAMLConfig(layer_batching="hand")
+
+
+def test_amp_keeps_vmap():
+    fm = FunctionalModel(omniglot_conv(3, filters=4), F.cross_entropy, amp="bf16")
+    assert fm.stacked is not None
+    assert not fm.hand_batched(torch.zeros(2, 3, 1, 28, 28))
+
+
+def test_an_input_of_another_shape_falls_back_to_vmap():
+    """An MLP applied to [N, S, F] per task (a linear layer over the last dim) is not the
+    [N, F] the plan was made for: vmap runs it, with the right values."""
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    fm = FunctionalModel(model, F.mse_loss)
+    x = torch.randn(2, 4, 5, 3, dtype=DT)
+    assert not fm.hand_batched(x)
+    phi = fm.theta + torch.randn(2, fm.num_params, dtype=DT)
+    out = fm.outputs(phi, x)
+    for i in range(2):
+        p = fm.unflatten(phi[i])
+        torch.testing.assert_close(out[i], F.linear(x[i], p["0.weight"], p["0.bias"]))
+
+
+class _MySeq(nn.Sequential):
+    pass
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _MySeq(nn.Linear(3, 2)),                                   # a subclass
+    lambda: nn.Sequential(nn.Linear(3, 2), _Double()),                 # an unknown module
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=1)),          # not per element
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)),            # random
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")),
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2)),         # linear on a spatial map
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.MaxPool1d(2)),            # pooling over features
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(start_dim=2)),
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)),          # running statistics
+    lambda: nn.Sequential(nn.ReLU()),                                   # no layout at all
+], ids=["subclass", "unknown", "softmax", "dropout", "reflect", "linear_on_map", "pool_features",
+        "flatten_dims", "running_stats", "activation_only"])
+def test_plan_refuses_what_it_cannot_batch_by_hand(make):
+    model = make()
+    names = [n for n, _ in model.named_parameters()]
+    assert stacked.plan(model, names, dict(model.named_buffers())) is None
+
+
+def test_plan_refuses_hooks_and_parameters_that_are_not_meta_learned():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    names = [n for n, _ in model.named_parameters()]
+    assert stacked.plan(model, names, {}) is not None
+    assert stacked.plan(model, names[:-1], {}) is None  # 2.bias shared, not per task
+    handle = model[1].register_forward_hook(lambda m, i, o: o)
+    assert stacked.plan(model, names, {}) is None
+    handle.remove()
+    model.register_buffer("scale", torch.ones(1))
+    assert stacked.plan(model, names, dict(model.named_buffers())) is None
+
+
+def test_imaml_adapt_and_predict_follow_the_config(monkeypatch):
+    from imaml_fast import IMAML
+
+    model = omniglot_conv(3, filters=4).to(DT)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=2, N=3)
+    calls = []
+    forward = stacked.StackedPlan.forward
+    monkeypatch.setattr(stacked.StackedPlan, "forward",
+                        lambda self, p, xx: calls.append(1) or forward(self, p, xx))
+    out = {}
+    for lb in ("vmap", "auto"):
+        learner = IMAML(model, F.cross_entropy, IMAMLConfig(inner_steps=2, task_batching="vmap",
+                                                            layer_batching=lb))
+        adapted = learner.adapt(x, y)
+        n = len(calls)
+        out[lb] = learner.predict(adapted, x)
+        assert (n, len(calls)) == ((0, 0) if lb == "vmap" else (n, n + 1)) and (lb == "vmap" or n)
+    torch.testing.assert_close(out["auto"], out["vmap"], rtol=1e-10, atol=1e-12)
