@@ -128,6 +128,10 @@ def main(argv=None):
         ("default, vmap all tasks", base.replace(task_batching="vmap")),
         ("default, gd_armijo, vmap all tasks", base.replace(inner_solver="gd_armijo",
                                                             task_batching="vmap")),
+        # the hand-batched layers (the default for this network, imaml_fast.stacked) against
+        # the model under torch.func.vmap, all tasks in one call
+        ("default, vmap all tasks, layers under vmap", base.replace(task_batching="vmap",
+                                                                    layer_batching="vmap")),
     ]
     # every other batched backend that runs here (cpp on a CPU; cuda and triton on a GPU)
     for info in imaml_fast.backend_info(args.device):
