@@ -2,7 +2,8 @@
 
 For the authors' Omniglot network (random data, 5-way 1-shot, T tasks, 16 inner steps,
 lam = 2, 5 CG steps) this computes the meta-gradient and the adapted parameters in float64
-and in float32 with imaml_fast's default and with its sequential reference, for each inner
+and in float32 with imaml_fast's default (hand-batched layers, imaml_fast.stacked), the same
+with the model under vmap, and its sequential reference, for each inner
 learning rate given, and prints each float32 result's relative difference from float64.
 Where the inner gradient descent is close to unstable it amplifies rounding from step to
 step, and every implementation, the reference too, ends equally far from float64: the
@@ -48,6 +49,8 @@ def measure(args):
         exact = meta_gradient(model64, F.cross_entropy, *ep64, cfg)
         for tf32 in tf32_modes:
             for name, c in (("imaml_fast default", cfg),
+                            ("imaml_fast default, layers under vmap",
+                             cfg.replace(layer_batching="vmap")),
                             ("imaml_fast reference", cfg.replace(backend="reference"))):
                 # IMAMLConfig.tf32 decides inside the engine, whatever torch's global flags say
                 c = c.replace(tf32=bool(tf32))
