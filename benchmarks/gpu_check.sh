@@ -5,8 +5,9 @@
 # took about 5 minutes; the peers comparison and the memory figure add about 4. On one H200
 # "tests memory compare20 precision dense" took 5.5 minutes (build 26 s, tests 37 s, memory
 # 113 s, compare20 110 s, precision 11 s, dense 31 s) and "tf32 train" with 3 training
-# minutes 6.3: more than one 10-minute call in all. Split it: GPU_CHECK_ONLY="tests meta
-# compare memory" (about 8 minutes), then GPU_CHECK_ONLY="triton compare20 cg kernels
+# minutes 6.3: more than one 10-minute call in all. Split it: GPU_CHECK_ONLY="tests meta"
+# (about 5 minutes: the meta step has 17 variants since the hand-batched layers' A/B), then
+# GPU_CHECK_ONLY="compare memory" (about 5), then GPU_CHECK_ONLY="triton compare20 cg kernels
 # precision dense profile" (about 4). Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
@@ -67,7 +68,8 @@ fi
 
 if want meta; then
 log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
-timeout 240 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
+# 17 variants, each in a process of its own (10 took 143 s on an H100)
+timeout 360 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
   --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
   || fail "bench_meta_step"; pack
 fi
