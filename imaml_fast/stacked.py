@@ -72,9 +72,12 @@ _SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: None,
 
 def _leaves(module: nn.Module, prefix: str = "") -> Optional[List[Tuple[str, nn.Module]]]:
     """(name prefix, layer) in call order through nested nn.Sequentials; None for a container
-    that is not exactly nn.Sequential."""
+    that is not exactly nn.Sequential. Every call counts: named_children() would list a layer
+    used twice only once (its parameters then belong to the first name, and plan refuses)."""
     out = []
-    for name, child in module.named_children():
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         full = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             sub = _leaves(child, full + ".")

@@ -44,6 +44,9 @@ def _models():
         ("sinusoid_mlp", sinusoid_mlp(8), (1,), F.mse_loss, None),
         ("flatten_first", nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Sigmoid()),
          (3, 2, 2), F.mse_loss, None),
+        ("inplace", nn.Sequential(
+            nn.Conv2d(1, 3, 3), _bn(nn.BatchNorm2d, 3), nn.ReLU(inplace=True), nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 2), nn.LeakyReLU(0.2, inplace=True)), (1, 6, 6), F.mse_loss, None),
     ]
 
 
@@ -188,8 +191,9 @@ class _Double(nn.Module):
     lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(start_dim=2)),
     lambda: nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)),          # running statistics
     lambda: nn.Sequential(nn.ReLU()),                                   # no layout at all
+    lambda: (lambda lin: nn.Sequential(lin, nn.Tanh(), lin))(nn.Linear(3, 3)),  # one layer twice
 ], ids=["subclass", "unknown", "softmax", "dropout", "reflect", "linear_on_map", "pool_features",
-        "flatten_dims", "running_stats", "activation_only"])
+        "flatten_dims", "running_stats", "activation_only", "shared_layer"])
 def test_plan_refuses_what_it_cannot_batch_by_hand(make):
     model = make()
     names = [n for n, _ in model.named_parameters()]
