@@ -80,6 +80,8 @@ def _leaves(module: nn.Module, prefix: str = "") -> Optional[List[Tuple[str, nn.
             continue
         full = f"{prefix}{name}"
         if type(child) is nn.Sequential:
+            if _hooked(child):
+                return None
             sub = _leaves(child, full + ".")
             if sub is None:
                 return None
@@ -87,6 +89,13 @@ def _leaves(module: nn.Module, prefix: str = "") -> Optional[List[Tuple[str, nn.
         else:
             out.append((full, child))
     return out
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+    return any(bool(getattr(m, h, None)) for h in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -114,7 +123,11 @@ class StackedPlan:
 
     def accepts(self, x: torch.Tensor) -> bool:
         """Whether x [T, N, ...] has the per-task shape the plan was made for ([N, F] for a
-        features input; [N, C, *spatial] with the first layer's spatial dims otherwise)."""
+        features input; [N, C, *spatial] with the first layer's spatial dims otherwise), and
+        no global module hooks (nn.modules.module.register_module_forward_hook and the like,
+        which a per-task call would run) are set."""
+        if _global_hooks():
+            return False
         if self.input_layout == "features":
             return x.dim() == 3
         return x.dim() == self.input_dim if self.input_dim else x.dim() >= 4

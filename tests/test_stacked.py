@@ -230,3 +230,26 @@ def test_imaml_adapt_and_predict_follow_the_config(monkeypatch):
         out[lb] = learner.predict(adapted, x)
         assert (n, len(calls)) == ((0, 0) if lb == "vmap" else (n, n + 1)) and (lb == "vmap" or n)
     torch.testing.assert_close(out["auto"], out["vmap"], rtol=1e-10, atol=1e-12)
+
+
+def test_hooks_on_an_inner_sequential_or_global_hooks_keep_vmap():
+    inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    model = nn.Sequential(inner, nn.Linear(4, 2)).to(DT)
+    names = [n for n, _ in model.named_parameters()]
+    assert stacked.plan(model, names, {}) is not None
+    handle = inner.register_forward_hook(lambda m, i, o: o)
+    assert stacked.plan(model, names, {}) is None
+    handle.remove()
+    fm = FunctionalModel(model, F.mse_loss)
+    x = torch.randn(2, 5, 3, dtype=DT)
+    assert fm.hand_batched(x)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        assert not fm.hand_batched(x)
+        fm.outputs(fm.theta.expand(2, -1), x)
+        assert "Linear" in seen  # the per-task modules ran, hooks and all
+    finally:
+        handle.remove()
+    assert fm.hand_batched(x)
