@@ -253,3 +253,30 @@ def test_hooks_on_an_inner_sequential_or_global_hooks_keep_vmap():
     finally:
         handle.remove()
     assert fm.hand_batched(x)
+
+
+def _loop_loss(fn, out, y):
+    return torch.stack([fn(out[i], y[i]) for i in range(out.shape[0])])
+
+
+def test_batched_losses_equal_each_tasks_own_call():
+    g = torch.Generator().manual_seed(3)
+    T, N, C = 4, 6, 5
+    out = torch.randn(T, N, C, dtype=DT, generator=g)
+    y = torch.randint(0, C, (T, N), generator=g)
+    y[1, :4] = -100  # ignored samples: task 1's mean is over its 2 others
+    y[2, 0] = -100
+    soft = torch.softmax(torch.randn(T, N, C, dtype=DT, generator=g), -1)
+    seg_out = torch.randn(T, N, C, 3, 2, dtype=DT, generator=g)
+    seg_y = torch.randint(0, C, (T, N, 3, 2), generator=g)
+    reg = torch.randn(T, 3, N, dtype=DT, generator=g).transpose(1, 2)  # not contiguous
+    reg_y = torch.randn(T, N, 3, dtype=DT, generator=g)
+    for fn, o, t in ((F.cross_entropy, out, y), (F.cross_entropy, out, soft),
+                     (F.cross_entropy, seg_out, seg_y), (F.mse_loss, reg, reg_y)):
+        got = stacked.batched_loss(fn, o, t)
+        torch.testing.assert_close(got, _loop_loss(fn, o, t), rtol=1e-14, atol=1e-15)
+    # anything else is left to vmap
+    assert stacked.batched_loss(lambda o, t: F.cross_entropy(o, t), out, y) is None
+    assert stacked.batched_loss(F.nll_loss, out, y) is None
+    assert stacked.batched_loss(F.mse_loss, reg, reg_y[..., :1]) is None  # broadcasting
+    assert stacked.batched_loss(F.cross_entropy, out[:, 0], y[:, 0]) is None  # [T, C]: no N
