@@ -466,3 +466,22 @@ def test_batch_norm_bf16_activation_with_fp32_weights():
     for p, q in zip(hv, hv64):
         assert p.dtype == (torch.bfloat16 if p.shape == x.shape else torch.float32)
         assert (p.double() - q).norm() / q.norm() < 1e-2
+
+
+def test_functions_keep_their_signature_for_apply():
+    """Function.apply binds arguments with inspect.signature(forward): the cached
+    __signature__ must be forward's own, defaults included."""
+    import inspect as _inspect
+    from imaml_fast import layers as L
+
+    for fn in (L.BatchNormFn, L.BatchNormBackwardFn, L.ConvFn, L.ConvBackwardFn):
+        cached = fn.forward.__signature__
+        del fn.forward.__signature__
+        try:
+            assert _inspect.signature(fn.forward) == cached
+        finally:
+            fn.forward.__signature__ = cached
+    x = torch.randn(4, 3, dtype=torch.float64)
+    # kernel left to its default (None) still binds
+    y = L.BatchNormFn.apply(x, None, None, 1e-5)[0]
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
