@@ -159,16 +159,18 @@ class FunctionalModel:
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """[..., P] -> dict of [..., *shape] views (no copy)."""
-        lead = flat.shape[:-1]
-        return {
-            n: flat[..., o : o + k].view(*lead, *s)
-            for n, s, k, o in zip(self.names, self.shapes, self.numels, self.offsets)
-        }
+        return dict(zip(self.names, self.split(flat)))
 
     # ---- forward passes ------------------------------------------------------------------
     def split(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """[..., P] -> tuple of [..., *shape] views, in parameter order (no copy)."""
-        return tuple(self.unflatten(flat).values())
+        """[..., P] -> tuple of [..., *shape] views, in parameter order (no copy). One
+        split_with_sizes call, not one slice per parameter: every pass makes a split."""
+        if flat.shape[-1] != self.num_params:
+            raise ValueError(f"expected [..., {self.num_params}] (the model's parameter count), "
+                             f"got {tuple(flat.shape)}")
+        lead = flat.shape[:-1]
+        return tuple(t.view(*lead, *s)
+                     for t, s in zip(flat.split(self.numels, dim=-1), self.shapes))
 
     def join(self, pieces: Sequence[torch.Tensor], lead: Tuple[int, ...] = ()) -> torch.Tensor:
         """Per-parameter tensors [*lead, *shape] -> flat [*lead, P]: the inverse of split,
