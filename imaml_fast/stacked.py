@@ -252,22 +252,44 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
     return StackedPlan(steps, input_layout, input_dim)
 
 
+def _loss_kind(loss_fn):
+    """("ce", ignore_index) or ("mse", None) for F.cross_entropy / F.mse_loss and for
+    nn.CrossEntropyLoss() / nn.MSELoss() with their default settings; None otherwise."""
+    if loss_fn is F.cross_entropy:
+        return "ce", -100
+    if loss_fn is F.mse_loss:
+        return "mse", None
+    t = type(loss_fn)
+    if t is nn.CrossEntropyLoss and loss_fn.reduction == "mean" and loss_fn.weight is None \
+            and loss_fn.label_smoothing == 0.0 and not _hooked(loss_fn):
+        return "ce", loss_fn.ignore_index
+    if t is nn.MSELoss and loss_fn.reduction == "mean" and not _hooked(loss_fn):
+        return "mse", None
+    return None
+
+
 def batched_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
     """Per-task losses [T] of F.cross_entropy or F.mse_loss (their default arguments, as a
-    per-task training loop calls them) on out [T, N, ...] and y [T, N, ...], in one call
-    without vmap; None for any other loss function or shape, which then runs under vmap.
+    per-task training loop calls them; or nn.CrossEntropyLoss() / nn.MSELoss() with default
+    settings, ignore_index aside) on out [T, N, ...] and y [T, N, ...], in one call without
+    vmap; None for any other loss function or shape, which then runs under vmap.
     Under vmap both losses go through torch's Python decompositions: on the Omniglot network
     this measured 15% of a host-bound meta-step. Each task's value is its own mean, as the
     function's reduction="mean" computes it: over the samples whose class index is not
-    ignore_index (-100) for class targets, over every element otherwise."""
+    ignore_index for class targets, over every element otherwise."""
+    kind = _loss_kind(loss_fn)
+    if kind is None:
+        return None
     T = out.shape[0]
-    if loss_fn is F.cross_entropy and out.dim() >= 3:
-        per = F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none")
+    if kind[0] == "ce" and out.dim() >= 3:
+        ignore = kind[1]
+        per = F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none",
+                              ignore_index=ignore)
         per = per.reshape(T, -1)
         if y.is_floating_point():  # class probabilities: the mean over every position
             return per.mean(1)
-        return per.sum(1) / (y != -100).reshape(T, -1).sum(1)  # as "mean": over counted ones
-    if loss_fn is F.mse_loss and out.shape == y.shape and out.dtype == y.dtype:
+        return per.sum(1) / (y != ignore).reshape(T, -1).sum(1)  # as "mean": counted ones
+    if kind[0] == "mse" and out.shape == y.shape and out.dtype == y.dtype:
         return F.mse_loss(out, y, reduction="none").reshape(T, -1).mean(1)
     return None
 

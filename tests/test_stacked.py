@@ -275,6 +275,15 @@ def test_batched_losses_equal_each_tasks_own_call():
                      (F.cross_entropy, seg_out, seg_y), (F.mse_loss, reg, reg_y)):
         got = stacked.batched_loss(fn, o, t)
         torch.testing.assert_close(got, _loop_loss(fn, o, t), rtol=1e-14, atol=1e-15)
+    y3 = y.masked_fill(y == -100, 3)  # class 3 ignored instead
+    for fn, o, t in ((nn.CrossEntropyLoss(), out, y),
+                     (nn.CrossEntropyLoss(ignore_index=3), out, y3), (nn.MSELoss(), reg, reg_y)):
+        got = stacked.batched_loss(fn, o, t)
+        torch.testing.assert_close(got, _loop_loss(fn, o, t), rtol=1e-14, atol=1e-15)
+    for fn in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(reduction="sum"),
+               nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT)), nn.MSELoss(reduction="sum")):
+        assert stacked.batched_loss(fn, out if isinstance(fn, nn.CrossEntropyLoss) else reg,
+                                    y if isinstance(fn, nn.CrossEntropyLoss) else reg_y) is None
     # anything else is left to vmap
     assert stacked.batched_loss(lambda o, t: F.cross_entropy(o, t), out, y) is None
     assert stacked.batched_loss(F.nll_loss, out, y) is None
