@@ -36,7 +36,8 @@ def _models():
             nn.ZeroPad1d(1), nn.Flatten(), nn.Linear(4 * 5, 3)), (3, 13), F.cross_entropy, _ce(3)),
         ("conv3d", nn.Sequential(
             nn.Conv3d(2, 3, 2), _bn(nn.BatchNorm3d, 3), nn.SiLU(), nn.Flatten(),
-            nn.Linear(3 * 8, 2, bias=False), nn.Dropout(0.0)), (2, 3, 3, 3), F.cross_entropy, _ce(2)),
+            nn.Linear(3 * 8, 2, bias=False), nn.Dropout(0.0)), (2, 3, 3, 3), F.cross_entropy,
+         _ce(2)),
         ("mlp_bn1d", nn.Sequential(
             nn.Linear(5, 6), _bn(nn.BatchNorm1d, 6), nn.Tanh(), nn.Sequential(
                 nn.Linear(6, 4), nn.Softplus(), nn.Identity()), nn.Linear(4, 2)), (5,),
