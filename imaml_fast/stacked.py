@@ -235,7 +235,7 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
             elif t in _ELEMENTWISE or (t is nn.Dropout and m.p == 0):
                 steps.append(Step("apply", m))
             elif t in _PER_CHANNEL:
-                if layout == "features":
+                if layout == "features" or getattr(m, "return_indices", False):
                     return None
                 layout = layout or "spatial"
                 steps.append(Step("apply", m))

@@ -193,8 +193,9 @@ class _Double(nn.Module):
     lambda: nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)),          # running statistics
     lambda: nn.Sequential(nn.ReLU()),                                   # no layout at all
     lambda: (lambda lin: nn.Sequential(lin, nn.Tanh(), lin))(nn.Linear(3, 3)),  # one layer twice
+    lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, return_indices=True)),  # a tuple
 ], ids=["subclass", "unknown", "softmax", "dropout", "reflect", "linear_on_map", "pool_features",
-        "flatten_dims", "running_stats", "activation_only", "shared_layer"])
+        "flatten_dims", "running_stats", "activation_only", "shared_layer", "pool_indices"])
 def test_plan_refuses_what_it_cannot_batch_by_hand(make):
     model = make()
     names = [n for n, _ in model.named_parameters()]
