@@ -89,11 +89,11 @@ why here (every measurement before the lam item's was made at lam 2):
   50 after 2,000 steps, seed 0, and 81.82% against 80.29% after 800 with seed 1), 50 for
   5-shot: undamped, its CG stopped on negative curvature on 29 of the first 40 steps (up to
   56% of a step's tasks) and it trailed damping 50 by 1.7-6.4 points of training accuracy in
-  every block of 10 steps (results/cpu-epyc-2core/inner_solvers/, section 9). The history of 50, all at lam 2 except where said
-  (with lam 0.5 the undamped operator no longer meets the failures below on 20-way 1-shot,
-  and `imaml-fast train` warns, suggesting a larger --cg-damping, if it starts to): with the
-  fixed-step inner loop no setting trained 20-way 1-shot
-  (query accuracy after adaptation peaked at 42-53% and fell back to about 40%, while most
+  every block of 10 steps (results/cpu-epyc-2core/inner_solvers/, section 9). The history
+  of 50, all at lam 2 except where said (with lam 0.5 the undamped operator no longer meets
+  the failures below on 20-way 1-shot, and `imaml-fast train` warns, suggesting a larger
+  --cg-damping, if it starts to): with the fixed-step inner loop no setting trained 20-way
+  1-shot (query accuracy after adaptation peaked at 42-53% and fell back to about 40%, while most
   tasks' CG began to stop on negative curvature; first-order meta-gradients kept learning,
   38% -> 71% over 400 steps). With gd_armijo and cg_damping 10 it trains, 39% -> 67% over
   350 steps, but twice fell back for 50 steps (to 54% and, at step 400, 50%; 41.75 +- 0.56%

@@ -14,7 +14,8 @@ down once instead:
   F.batch_norm over T*C channels, and activations, padding and pooling act per channel
   exactly as they are;
 - after the flatten they are [T, N, F], and every linear layer is one batched matrix product;
-- the loss is the user's loss_fn under vmap, on the model's output [T, N, ...].
+- the loss is computed for every task in one call for F.cross_entropy and F.mse_loss
+  (batched_loss), and is the user's loss_fn under vmap otherwise, on the output [T, N, ...].
 The convolutions and BatchNorms are the same F.conv*/F.batch_norm calls a per-task model
 makes, so imaml_fast.layers' closed-form second derivatives and a backend's fused BatchNorm
 kernel apply unchanged.
@@ -34,7 +35,7 @@ gradients and Hessian-vector products against vmap and against a loop over tasks
 for every supported layer). It dispatches fewer operations per pass (benchmarks/op_count.py),
 which is what paces an uncaptured GPU step, and moves less memory on the CPU.
 
-`plan(model, names)` accepts an nn.Sequential (nested ones too) whose meta-learned
+`plan(model, names, buffers)` accepts an nn.Sequential (nested ones too) whose meta-learned
 parameters are exactly the model's, with no buffers and no hooks, made of:
 Conv1d/2d/3d (zeros padding mode), BatchNorm1d/2d/3d with batch statistics, Linear,
 Flatten (the default start_dim=1, end_dim=-1), ZeroPad/ConstantPad 1d/2d/3d,
@@ -187,15 +188,19 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
     steps: List[Step] = []
     layout = None  # the current layout, fixed by the first layer that needs one
 
-    def pos(prefix, pname, module):
-        t = getattr(module, pname, None)
-        if t is None:
-            return None
-        key = f"{prefix}.{pname}"
-        if key not in index:
-            raise LookupError(key)
-        used.add(key)
-        return index[key]
+    def params(prefix, module):
+        """Positions of the layer's weight and bias in names (None where it has none)."""
+        out = []
+        for pname in ("weight", "bias"):
+            key = f"{prefix}.{pname}"
+            if getattr(module, pname, None) is None:
+                out.append(None)
+            elif key in index:
+                used.add(key)
+                out.append(index[key])
+            else:
+                raise LookupError(key)
+        return out
 
     input_layout, input_dim = None, None
     try:
@@ -207,7 +212,7 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
                 if m.padding_mode != "zeros" or layout == "features":
                     return None
                 layout = layout or "spatial"
-                steps.append(Step("conv", m, pos(prefix, "weight", m), pos(prefix, "bias", m)))
+                steps.append(Step("conv", m, *params(prefix, m)))
             elif t in _BN:
                 if m.track_running_stats:
                     return None
@@ -216,22 +221,18 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
                 elif layout == "features":
                     return None
                 layout = layout or "spatial"
-                steps.append(Step("bn", m, pos(prefix, "weight", m), pos(prefix, "bias", m)))
+                steps.append(Step("bn", m, *params(prefix, m)))
             elif t is nn.Linear:
                 if layout == "spatial":
                     return None
                 layout = layout or "features"
-                steps.append(Step("linear", m, pos(prefix, "weight", m), pos(prefix, "bias", m)))
+                steps.append(Step("linear", m, *params(prefix, m)))
             elif t is nn.Flatten:
                 if m.start_dim != 1 or m.end_dim != -1:
                     return None
                 # a flatten before any layout-fixing layer: the input is spatial
                 layout = layout or "spatial"
                 steps.append(Step("flatten", m))
-                if input_layout is None:
-                    input_layout = layout
-                layout = "features"
-                continue
             elif t in _ELEMENTWISE or (t is nn.Dropout and m.p == 0):
                 steps.append(Step("apply", m))
             elif t in _PER_CHANNEL:
@@ -245,6 +246,8 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
                 input_layout = layout
                 k = _SPATIAL_DIMS.get(t)
                 input_dim = None if k is None else 3 + k
+            if t is nn.Flatten:
+                layout = "features"
     except LookupError:  # a parameter that is not meta-learned
         return None
     if used != set(names) or input_layout is None:
