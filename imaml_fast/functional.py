@@ -102,6 +102,8 @@ class FunctionalModel:
         # asks for ATen's own (layer_derivatives("autograd")).
         self.closed_form = True
         self.bn_kernel = None  # a backend's fused BatchNorm double backward, see layer_derivatives
+        self.conv_kernel = None  # a backend's convolution input gradient, see layer_derivatives
+        self.plain_convs = False  # "plain" layer derivatives: only the convolutions routed
         # A plain stack of known layers runs hand-batched over tasks instead of under vmap
         # (imaml_fast.stacked); None where the model is not one. layer_batching: "auto" uses
         # it where there is one, "vmap" never (IMAMLConfig.layer_batching, set by engine_mode).
@@ -113,20 +115,37 @@ class FunctionalModel:
         """Within this block, graphs that will be differentiated twice are built with
         imaml_fast.layers ("closed_form") or ATen's own layers ("autograd": the sequential
         reference path, and forward-mode products, which imaml_fast.layers does not define).
+        "plain" (the engine's own choice for gradients taken once): ATen's layers, except
+        that convolutions run imaml_fast.layers' conv when the backend has a
+        conv_input_grad kernel, for their input gradients.
         backend: the engine's backend (imaml_fast.backends.Backend); its batched ops'
-        "bn_double_backward", if any, runs BatchNorm's second derivative in products."""
-        if mode not in ("closed_form", "autograd"):
+        "bn_double_backward", if any, runs BatchNorm's second derivative in products, and
+        "conv_input_grad", if any, the convolutions' input gradients."""
+        if mode not in ("closed_form", "autograd", "plain"):
             raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
                              f"'closed_form', 'autograd'")
-        before = self.closed_form, self.bn_kernel
+        before = self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel
         self.closed_form = mode == "closed_form"
+        self.plain_convs = mode == "plain"
         if backend is not None:
-            self.bn_kernel = (backend.ops().get("bn_double_backward") if backend.batched
-                              else None)
+            ops = backend.ops() if backend.batched else {}
+            self.bn_kernel = ops.get("bn_double_backward")
+            self.conv_kernel = ops.get("conv_input_grad")
         try:
             yield
         finally:
-            self.closed_form, self.bn_kernel = before
+            self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel = before
+
+    def layer_mode(self):
+        """The TorchFunctionMode (or a null context) a forward pass runs under, per
+        layer_derivatives. Under amp, plain gradients keep ATen's layers: the kernel takes
+        float32/float64 only, and closed_form_layers would cast the convolutions to the amp
+        dtype inside vmap, where autocast itself does not reach (see imaml_fast.stacked)."""
+        if self.closed_form:
+            return closed_form_layers(self.bn_kernel, self.conv_kernel)
+        if self.plain_convs and self.conv_kernel is not None and self.amp_dtype is None:
+            return closed_form_layers(conv_kernel=self.conv_kernel, batch_norm=False)
+        return nullcontext()
 
     @contextmanager
     def engine_mode(self, config, backend=None):
@@ -191,7 +210,7 @@ class FunctionalModel:
         params = dict(zip(self.names, params))
         if self.buffers:
             params = {**self.buffers, **params}
-        with closed_form_layers(self.bn_kernel) if self.closed_form else nullcontext():
+        with self.layer_mode():
             if self.amp_dtype is None:
                 return functional_call(self.model, params, (x,))
             # Mixed precision: the model's matmuls and convolutions in bf16/fp16, the output
@@ -266,9 +285,11 @@ class FunctionalModel:
         inside the graph when create_graph), leaves a list over spans of per-parameter
         tuples; with return_outputs, also the model outputs [T, ...] (detached) of the same
         forward pass."""
-        # imaml_fast.layers only pays when the gradient is differentiated again: its
-        # Functions' first backward costs a little more Python than ATen's.
-        plain = nullcontext() if create_graph else self.layer_derivatives("autograd")
+        # imaml_fast.layers only pays when the gradient is differentiated again (its
+        # Functions' first backward costs a little more Python than ATen's), or where the
+        # backend has a faster convolution input gradient ("plain").
+        plain = (nullcontext() if create_graph
+                 else self.layer_derivatives("plain" if self.closed_form else "autograd"))
         with torch.enable_grad(), plain:
             loop = strategy == "loop"
             leaves, losses, outputs = [], [], []

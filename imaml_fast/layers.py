@@ -235,47 +235,50 @@ def _conv_args(dims: int, stride, padding, dilation):
 
 class ConvFn(torch.autograd.Function):
     """(x [N, C, *spatial], weight [O, C/groups, *kernel], bias [O] or None, stride, padding,
-    dilation, groups) -> y: ATen's convolution; its backward is ConvBackwardFn."""
+    dilation, groups, kernel) -> y: ATen's convolution; its backward is ConvBackwardFn.
+    kernel: a backend's conv_input_grad for the input gradients (None: ATen's)."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
+    def forward(x, weight, bias, stride, padding, dilation, groups, kernel=None):
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
                                           [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, groups = inputs
+        x, weight, bias, stride, padding, dilation, groups, kernel = inputs
         ctx.save_for_backward(x, weight)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
+        ctx.kernel = kernel
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.needs_input_grad[2] and ctx.has_bias)
-        gx, gw, gb = ConvBackwardFn.apply(gy, x, weight, ctx.conv, mask)
-        return gx, gw, gb, None, None, None, None
+        gx, gw, gb = ConvBackwardFn.apply(gy, x, weight, ctx.conv, mask, ctx.kernel)
+        return gx, gw, gb, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups, kernel=None):
         B = _batch_size(in_dims, (x, weight, bias))
         if in_dims[1] is None and in_dims[2] is None:
             # shared weights: the tasks are more samples, [B*N, C, ...]
             xb = x.movedim(in_dims[0], 0)
             y = ConvFn.apply(xb.reshape(-1, *xb.shape[2:]), weight, bias, stride, padding,
-                             dilation, groups)
+                             dilation, groups, kernel)
             return y.view(B, -1, *y.shape[1:]), 0
         # per-task weights: the tasks are more groups, [N, B*C, ...] with weights [B*O, ...]
         xf = _fold(x, in_dims[0], B, 1)
         y = ConvFn.apply(xf, _fold(weight, in_dims[1], B, 0), _fold(bias, in_dims[2], B, 0),
-                         stride, padding, dilation, groups * B)
+                         stride, padding, dilation, groups * B, kernel)
         return y.view(y.shape[0], B, -1, *y.shape[2:]), 1
 
 
 class ConvBackwardFn(torch.autograd.Function):
-    """(gy, x, weight, conv, mask) -> (gx, gweight, gbias), each None where mask says so:
-    ATen's convolution_backward. Its backward, for cotangents (A, B, c) of the three:
+    """(gy, x, weight, conv, mask, kernel) -> (gx, gweight, gbias), each None where mask says
+    so: ATen's convolution_backward, with the input gradient by `kernel` (a backend's
+    conv_input_grad) when there is one. Its backward, for cotangents (A, B, c) of the three:
         d/dgy = conv(A, weight) + conv(x, B) + c,   d/dweight = wgrad(input A, gy),
         d/dx = igrad(gy, weight B)
     (each output is bilinear in two inputs), the last two in one convolution_backward call.
@@ -283,20 +286,29 @@ class ConvBackwardFn(torch.autograd.Function):
     the weight term: per task, once the tasks are groups."""
 
     @staticmethod
-    def forward(gy, x, weight, conv, mask):
+    def forward(gy, x, weight, conv, mask, kernel=None):
         stride, padding, dilation, groups = conv
-        return torch.ops.aten.convolution_backward(
-            gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
-            False, [0] * len(stride), groups, list(mask))
+        if kernel is None or not mask[0]:
+            return torch.ops.aten.convolution_backward(
+                gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
+                False, [0] * len(stride), groups, list(mask))
+        gx = kernel(gy, x, weight, stride, padding, dilation, groups)
+        gw = gb = None
+        if mask[1] or mask[2]:
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
+                False, [0] * len(stride), groups, [False, mask[1], mask[2]])
+        return gx, gw, gb
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, weight, conv, mask = inputs
+        gy, x, weight, conv, mask, kernel = inputs
         ctx.save_for_backward(gy, x, weight)
         ctx.conv = conv
+        ctx.kernel = kernel
 
     @staticmethod
-    def backward(ctx, A, B, c):  # ATen ops only: differentiable again (third derivatives)
+    def backward(ctx, A, B, c):  # ATen ops (or the kernel, outside grad mode): differentiable
         gy, x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
@@ -315,25 +327,30 @@ class ConvBackwardFn(torch.autograd.Function):
                 terms.append(c.view(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy))
             dgy = sum(terms[1:], terms[0]) if terms else torch.zeros_like(gy)
         want_x, want_w = need_x and B is not None, need_w and A is not None
+        if want_x and ctx.kernel is not None and not torch.is_grad_enabled():
+            # no graph being built: the kernel's d/dx, then d/dweight alone
+            dx = ctx.kernel(gy, x, B, stride, padding, dilation, groups)
+            want_x = False
         if want_x or want_w:
             # igrad with weight B (d/dx), wgrad with input A (d/dweight): one call
-            dx, dw, _ = torch.ops.aten.convolution_backward(
+            gx, dw, _ = torch.ops.aten.convolution_backward(
                 gy, A if A is not None else x, B if B is not None else weight, None, stride,
                 padding, dilation, False, [0] * len(stride), groups, [want_x, want_w, False])
+            dx = gx if want_x else dx
         if need_x and dx is None:
             dx = torch.zeros_like(x)
         if need_w and dw is None:
             dw = torch.zeros_like(weight)
-        return dgy, dx, dw, None, None
+        return dgy, dx, dw, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, gy, x, weight, conv, mask):
+    def vmap(info, in_dims, gy, x, weight, conv, mask, kernel=None):
         # always the per-task-groups form: every task has its own weight gradient
         B = _batch_size(in_dims, (gy, x, weight))
         stride, padding, dilation, groups = conv
         gx, gw, gb = ConvBackwardFn.apply(
             _fold(gy, in_dims[0], B, 1), _fold(x, in_dims[1], B, 1), _fold(weight, in_dims[2], B, 0),
-            (stride, padding, dilation, groups * B), mask)
+            (stride, padding, dilation, groups * B), mask, kernel)
         out = (None if gx is None else gx.view(gx.shape[0], B, -1, *gx.shape[2:]),
                None if gw is None else gw.view(B, -1, *gw.shape[1:]),
                None if gb is None else gb.view(B, -1))
@@ -350,11 +367,23 @@ for _fn in (BatchNormFn, BatchNormBackwardFn, ConvFn, ConvBackwardFn):
     _fn.forward.__signature__ = inspect.signature(_fn.forward)
 
 
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv1d/2d/3d (numeric padding) with the closed-form second derivative."""
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, kernel=None):
+    """F.conv1d/2d/3d (numeric padding) with the closed-form second derivative; kernel: a
+    backend's conv_input_grad for the input gradients (None: ATen's)."""
     dims = weight.dim() - 2
     stride, padding, dilation = _conv_args(dims, stride, padding, dilation)
-    return ConvFn.apply(x, weight, bias, stride, padding, dilation, groups)
+    return ConvFn.apply(x, weight, bias, stride, padding, dilation, groups, kernel)
+
+
+def conv_input_grad_ref(gy, x, weight, stride, padding, dilation, groups):
+    """The input gradient of F.conv1d/2d/3d(x, weight, None, stride, padding, dilation,
+    groups) for the output gradient gy: ATen's convolution_backward with output_mask
+    [True, False, False] (x's values are not used, only its shape and layout). The reference
+    of the backends' conv_input_grad kernels (same signature; stride, padding, dilation as
+    lists)."""
+    return torch.ops.aten.convolution_backward(
+        gy, x, weight, None, list(stride), list(padding), list(dilation), False,
+        [0] * len(stride), groups, [True, False, False])[0]
 
 
 def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -384,11 +413,17 @@ class closed_form_layers(TorchFunctionMode):
     bf16/fp16 activation with fp32 weights. Inputs these do not cover (running statistics,
     string padding, other mixed dtypes) pass through unchanged.
     bn_kernel: a backend's fused batch_norm_double_backward (same signature) to run in
-    products; None runs the formula in PyTorch ops."""
+    products; None runs the formula in PyTorch ops.
+    conv_kernel: a backend's conv_input_grad (same signature as conv_input_grad_ref) for the
+    convolutions' input gradients, first and second derivatives alike; None: ATen's.
+    batch_norm=False leaves F.batch_norm to ATen (the engine's plain gradients: only the
+    convolutions' input gradients gain there)."""
 
-    def __init__(self, bn_kernel=None):
+    def __init__(self, bn_kernel=None, conv_kernel=None, batch_norm=True):
         super().__init__()
         self.bn_kernel = bn_kernel
+        self.conv_kernel = conv_kernel
+        self.batch_norm = batch_norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -406,10 +441,10 @@ class closed_form_layers(TorchFunctionMode):
                     dt = torch.get_autocast_dtype(dev)
                     x, w, b = (None if t is None else t.to(dt) for t in (x, w, b))
                     with torch.autocast(dev, enabled=False):
-                        return conv(x, w, b, *args)
+                        return conv(x, w, b, *args, kernel=self.conv_kernel)
                 if all(t is None or t.dtype == x.dtype for t in (w, b)):
-                    return conv(x, w, b, *args)
-        if func is F.batch_norm:
+                    return conv(x, w, b, *args, kernel=self.conv_kernel)
+        if func is F.batch_norm and self.batch_norm:
             a = _BN_SIGNATURE.bind(*args, **kwargs).arguments
             x, w, b = a["input"], a.get("weight"), a.get("bias")
             if (a.get("training", False) and a.get("running_mean") is None

@@ -47,7 +47,6 @@ under vmap as before. IMAMLConfig(layer_batching="vmap") turns the hand-batched 
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -55,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from .layers import closed_form_layers
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -300,7 +298,7 @@ def batched_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> Optional[torch.
 def run(fm, fn_name: str, params: Tuple[torch.Tensor, ...], args: Sequence[torch.Tensor]):
     """FunctionalModel's forward_params / loss_params / loss_and_output_params for a span of
     tasks at once (params per-parameter [t, *shape], args [t, N, ...]), through fm.stacked."""
-    with closed_form_layers(fm.bn_kernel) if fm.closed_form else nullcontext():
+    with fm.layer_mode():
         out = fm.stacked.forward(params, args[0])
     if fn_name == "forward_params":
         return out

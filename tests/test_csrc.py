@@ -838,3 +838,171 @@ def test_cpu_twins_give_the_same_bits_on_any_number_of_threads(monkeypatch, dtyp
     assert rel(runs[1][0], prox_update_ref(phi, g, theta, 0.1, 2.0)) <= tol
     want = cg_update_fused_ref(*clone_all(state))  # (x, r, p, rs, status, iters)
     assert rel(runs[1][2], want[0]) <= tol and torch.equal(runs[1][6], want[4])
+
+
+# ---- conv2d_input_grad (CPU only) ------------------------------------------------------------
+# (N, groups, C per group, O per group, H, W, KH, KW, stride, padding, dilation): the Omniglot
+# layers with tasks as groups, stride 1, stride 3 with a 2x2 kernel (pixels no tap reaches),
+# 5x5 (taps over two register tiles and a tail), 1x1, asymmetric settings, one group, one
+# channel, and widths whose N * Ho * Wo is not a multiple of the vector width.
+CONV_SHAPES = [
+    (5, 4, 8, 6, 14, 14, 3, 3, (2, 2), (1, 1), (1, 1)),
+    (5, 4, 8, 6, 8, 8, 3, 3, (2, 2), (1, 1), (1, 1)),
+    (2, 3, 5, 4, 9, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (3, 2, 4, 3, 10, 11, 2, 2, (3, 3), (0, 0), (1, 1)),
+    (2, 2, 3, 5, 13, 12, 5, 5, (2, 1), (2, 1), (1, 2)),
+    (4, 2, 6, 7, 7, 7, 1, 1, (2, 2), (0, 0), (1, 1)),
+    (3, 1, 4, 4, 9, 7, 3, 2, (2, 3), (1, 0), (2, 1)),
+    (6, 5, 1, 3, 11, 11, 3, 3, (2, 2), (1, 1), (1, 1)),
+    (1, 2, 3, 2, 4, 4, 4, 4, (1, 1), (3, 3), (1, 1)),
+]
+
+
+def conv_inputs(shape, dtype, seed=0):
+    N, G, C, O, H, W, KH, KW, stride, padding, dilation = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, G * C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(G * O, C, KH, KW, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, G)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    return gy, x, w, list(stride), list(padding), list(dilation), G
+
+
+def conv_reference64(args):
+    from imaml_fast.layers import conv_input_grad_ref
+    gy, x, w, *rest = args
+    return conv_input_grad_ref(gy.double(), x.double(), w.double(), *rest)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv2d_input_grad_matches_aten(shape, dtype, tol):
+    """The kernel against ATen's convolution_backward in float64, for every shape (also the
+    ones conv_input_grad would leave to ATen); gx overwritten everywhere, also where no tap
+    reaches (it must be zero there)."""
+    args = conv_inputs(shape, dtype)
+    got = cpp_backend.conv2d_input_grad(*args)
+    assert got.dtype == dtype and got.shape == args[1].shape
+    assert rel(got.unsqueeze(0), conv_reference64(args).unsqueeze(0)) <= tol
+
+
+def test_conv2d_input_grad_zero_where_no_tap_reaches():
+    """Stride 3, kernel 2: a third of the rows and columns of x never meet a tap, and their
+    gradient is exactly zero, whatever was in memory."""
+    args = conv_inputs((2, 2, 3, 4, 9, 9, 2, 2, (3, 3), (0, 0), (1, 1)), torch.float64)
+    got = cpp_backend.conv2d_input_grad(*args)
+    assert torch.equal(got[:, :, 2::3, :], torch.zeros_like(got[:, :, 2::3, :]))
+    assert torch.equal(got[:, :, :, 2::3], torch.zeros_like(got[:, :, :, 2::3]))
+    assert got[:, :, 0::3, 0::3].abs().min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv2d_input_grad_same_bits_on_any_number_of_threads(monkeypatch, dtype):
+    """Above the twins' threading threshold, a group count that is not a multiple of 3."""
+    module, _ = _ext.load()
+    args = conv_inputs((5, 7, 16, 16, 14, 14, 3, 3, (2, 2), (1, 1), (1, 1)), dtype)
+    runs = {}
+    try:
+        for n in (1, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+            runs[n] = cpp_backend.conv2d_input_grad(*args)
+            assert module.cpu_threads() == n
+    finally:
+        module.set_cpu_threads(1)
+    assert torch.equal(runs[1], runs[3])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel(runs[1].unsqueeze(0), conv_reference64(args).unsqueeze(0)) <= tol
+
+
+def test_conv_input_grad_runs_the_kernel_only_where_it_pays(monkeypatch):
+    """The op behind ConvFn: strided 2-D convolutions with 2+ groups on plain float32/float64
+    tensors go to the kernel; stride 1, one group, 1-D/3-D, other dtypes, tensors that need
+    autograd and vmap's BatchedTensors go to ATen's convolution_backward (the same bits as
+    the reference, which it then is)."""
+    from imaml_fast.layers import conv_input_grad_ref
+    calls = []
+    kernel = cpp_backend.conv2d_input_grad
+    monkeypatch.setattr(cpp_backend, "conv2d_input_grad",
+                        lambda *a: calls.append(1) or kernel(*a))
+    op = cpp_backend.load_ops()["conv_input_grad"]
+    strided = conv_inputs((5, 4, 8, 6, 14, 14, 3, 3, (2, 2), (1, 1), (1, 1)), torch.float64)
+    got = op(*strided)
+    assert calls == [1] and rel(got.unsqueeze(0), conv_reference64(strided).unsqueeze(0)) <= 1e-12
+    calls.clear()
+    others = [conv_inputs((2, 3, 5, 4, 9, 9, 3, 3, (1, 1), (1, 1), (1, 1)), torch.float64),
+              conv_inputs((3, 1, 4, 4, 9, 7, 3, 2, (2, 3), (1, 0), (2, 1)), torch.float64),
+              conv_inputs((5, 4, 8, 6, 14, 14, 3, 3, (2, 2), (1, 1), (1, 1)), torch.bfloat16)]
+    for args in others:
+        assert torch.equal(op(*args), conv_input_grad_ref(*args))
+    gy, x, w, *rest = strided
+    x1 = x[:, :, 0]  # a 1-D convolution
+    w1 = w[:, :, 0]
+    gy1 = torch.nn.functional.conv1d(x1, w1, None, 2, 1, 1, 4)
+    assert torch.equal(op(gy1, x1, w1, [2], [1], [1], 4), conv_input_grad_ref(gy1, x1, w1, [2],
+                                                                              [1], [1], 4))
+    gyg = gy.clone().requires_grad_()
+    out = op(gyg, x, w, *rest)
+    assert out.requires_grad and torch.equal(out, conv_input_grad_ref(gy, x, w, *rest))
+    batched = torch.func.vmap(lambda g: op(g, x, w, *rest))(gy.unsqueeze(0).expand(2, *gy.shape))
+    assert torch.equal(batched[1], conv_input_grad_ref(gy, x, w, *rest))
+    assert calls == []
+    with torch.no_grad():  # no graph to build: the kernel
+        op(gyg, x, w, *rest)
+    assert calls == [1]
+
+
+def test_conv2d_input_grad_rejects_bad_arguments_by_name():
+    gy, x, w, stride, padding, dilation, G = conv_inputs(
+        (5, 4, 8, 6, 14, 14, 3, 3, (2, 2), (1, 1), (1, 1)), torch.float64)
+    fn = cpp_backend.conv2d_input_grad
+    with pytest.raises(ValueError, match=r"gy has shape \(5, 24, 7, 6\), but this convolution "
+                                         r"of x \(5, 32, 14, 14\) gives \(5, 24, 7, 7\)"):
+        fn(gy[..., :6], x, w, stride, padding, dilation, G)
+    with pytest.raises(ValueError, match=r"which does not fit groups=3"):
+        fn(gy, x, w, stride, padding, dilation, 3)
+    with pytest.raises(ValueError, match=r"weight has dtype torch.float32; gy, x and weight"):
+        fn(gy, x, w.float(), stride, padding, dilation, G)
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor \(a 2-D convolution\)"):
+        fn(gy, x[0], w, stride, padding, dilation, G)
+    with pytest.raises(ValueError, match=r"stride must be an int or a pair of ints >= 1, got \[0, 2\]"):
+        fn(gy, x, w, [0, 2], padding, dilation, G)
+    with pytest.raises(ValueError, match=r"padding must be an int or a pair of ints >= 0"):
+        fn(gy, x, w, stride, [1, 1, 1], dilation, G)
+
+
+def test_conv2d_input_grad_c_abi_codes():
+    """The raw binding: bad dtype, NULL pointers, negative sizes, and an output size that is
+    not the convolution's raise with the C ABI's code; no elements is a no-op."""
+    module, _ = _ext.load()
+    gy, x, w, *_ = conv_inputs((2, 2, 3, 4, 8, 8, 3, 3, (2, 2), (1, 1), (1, 1)), torch.float64)
+    gx = torch.empty_like(x)
+    p = (gy.data_ptr(), w.data_ptr(), gx.data_ptr())
+    sizes = [2, 2, 3, 4, 8, 8, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1]
+    fn = module.conv2d_input_grad_cpu
+    with pytest.raises(RuntimeError, match=r"\(code -1\): dtype not supported"):
+        fn(2, *p, *sizes)
+    with pytest.raises(RuntimeError, match=r"\(code -3\): a required pointer is NULL"):
+        fn(1, p[0], 0, p[2], *sizes)
+    with pytest.raises(RuntimeError, match=r"\(code -2\): bad sizes"):
+        fn(1, *p, *sizes[:2], -3, *sizes[3:])
+    with pytest.raises(RuntimeError, match=r"\(code -6\)"):
+        fn(1, *p, *sizes[:6], 5, *sizes[7:])  # Ho = 5: not what stride 2 on 8 rows gives
+    fn(1, 0, 0, 0, 0, *sizes[1:])  # N = 0
+    fn(1, *p, *sizes)
+    assert rel(gx.unsqueeze(0), conv_reference64(
+        (gy, x, w, [2, 2], [1, 1], [1, 1], 2)).unsqueeze(0)) <= 1e-12
+
+
+def test_openmp_team_when_built_with_gcc():
+    """The CPU twins' threads are an OpenMP team in a GCC build (csrc/src/cpu/cpu_common.h:
+    next to PyTorch that reuses ATen's libgomp workers instead of competing with them), and
+    in this process it is the libgomp that torch loaded."""
+    info = _ext.build_info()
+    if not info["cxx_compiler"].startswith("GNU"):
+        pytest.skip(f"OpenMP is only required of GCC builds; this one: {info['cxx_compiler']}")
+    assert info["openmp"]
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        torch_gomp = {p for p in gomp if os.sep + "torch" + os.sep in p}
+        assert not torch_gomp or gomp == torch_gomp, gomp

@@ -485,3 +485,83 @@ def test_functions_keep_their_signature_for_apply():
     # kernel left to its default (None) still binds
     y = L.BatchNormFn.apply(x, None, None, 1e-5)[0]
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+
+
+def test_conv_kernel_runs_input_gradients_and_aten_runs_graphs():
+    """A backend's conv_input_grad computes the input gradients of ConvFn's backward and of
+    its double backward's d/dx where no graph is being built, never where the result must be
+    differentiable again; values, gradients and Hessian-vector products equal ATen's."""
+    from imaml_fast.backends import cpp
+    from imaml_fast.layers import conv_input_grad_ref
+    calls = []
+
+    def kernel(*args):
+        calls.append(torch.is_grad_enabled())
+        return cpp.load_ops()["conv_input_grad"](*args)
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 6, 9, 9, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(8, 3, 3, 3, generator=g, dtype=D, requires_grad=True)
+    t = torch.randn(3, 8, 5, 5, generator=g, dtype=D)
+    u = [torch.randn(p.shape, generator=g, dtype=D) for p in (x, w)]
+    outs = []
+    for f in (lambda *a: conv(*a, kernel=kernel), _f_conv):
+        y = f(x, w, None, 2, 1, 1, 2)
+        first = torch.autograd.grad((torch.tanh(y) * t).sum(), (x, w), create_graph=True)
+        outs.append(list(first) + list(torch.autograd.grad(first, (x, w), u, retain_graph=True)))
+    for a_, b_ in zip(*outs):
+        assert torch.allclose(a_, b_, rtol=1e-10, atol=1e-12)
+    # the first backward (ConvBackwardFn's forward, whose derivative is its own backward);
+    # in the product, ConvBackwardFn's backward (d/dx, no graph being built) and ConvFn's
+    # backward again (the cotangent of gy flows on through tanh into y = conv(x, w))
+    assert calls == [False] * 3
+    y = conv(x, w, None, 2, 1, 1, 2, kernel=kernel)
+    (gx,) = torch.autograd.grad((torch.tanh(y) * t).sum(), x, create_graph=True)
+    assert calls == [False] * 4
+    # a product that builds a graph: ConvBackwardFn's d/dx is ATen's; only ConvFn's backward
+    # (inside ConvBackwardFn's forward, differentiated by its own backward) runs the kernel
+    (hx,) = torch.autograd.grad(gx, x, u[0], create_graph=True)
+    assert calls == [False] * 5 and hx.requires_grad
+    (hx2,) = torch.autograd.grad(_f_conv(x, w, None, 2, 1, 1, 2).tanh().mul(t).sum(), x,
+                                 create_graph=True)
+    assert torch.allclose(hx, torch.autograd.grad(hx2, x, u[0])[0], rtol=1e-10, atol=1e-12)
+    gy = torch.randn(3, 8, 5, 5, generator=g, dtype=D)
+    assert torch.allclose(kernel(gy, x.detach(), w.detach(), [2, 2], [1, 1], [1, 1], 2),
+                          conv_input_grad_ref(gy, x.detach(), w.detach(), [2, 2], [1, 1], [1, 1], 2),
+                          rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("task_batching", ["vmap", "loop", 3])
+@pytest.mark.parametrize("layer_batching", ["auto", "vmap"])
+def test_meta_gradient_with_the_cpp_convolution_input_gradient(monkeypatch, task_batching,
+                                                                layer_batching):
+    """The cpp backend runs its convolution input-gradient kernel in the inner loop's plain
+    gradients and in the products (hand-batched or under vmap: the tasks of a batched call
+    are the groups), never for one group (a loop over tasks, a span of one task), and the
+    meta-gradient equals the torch backend's (ATen's convolutions) and the reference's."""
+    from imaml_fast.backends import cpp
+    calls = []
+    kernel = cpp.conv2d_input_grad
+    monkeypatch.setattr(cpp, "conv2d_input_grad", lambda *a: calls.append(a[6]) or kernel(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3)).double()
+    T, K, cg = 4, 3, 4
+    g = torch.Generator().manual_seed(5)
+    xs, xq = torch.randn(2, T, 3, 1, 14, 14, generator=g, dtype=D)
+    y = torch.arange(3).repeat(T, 1)
+    cfg = IMAMLConfig(inner_steps=K, cg_steps=cg, cg_tol=0.0, lam=1.0, inner_lr=0.1,
+                      backend="cpp", task_batching=task_batching, layer_batching=layer_batching)
+    ours = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg)
+    # groups: all T tasks, or the span of 3 (the span of 1 task left goes to ATen); at least
+    # one call per inner step and per product (the first convolution's input is data)
+    if task_batching == "loop":
+        assert calls == []
+    else:
+        assert set(calls) == {T if task_batching == "vmap" else 3} and len(calls) >= K + cg
+    torch_ = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg.replace(backend="torch"))
+    ref = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg.replace(backend="reference"))
+    _assert_same_meta_gradient(ours, torch_, ref)

@@ -55,11 +55,17 @@ PYBIND11_MODULE(_C, m) {
     d["cxx_compiler"] = std::string(imaml_fast_cxx_compiler());
     d["cuda_compiler"] = std::string(imaml_fast_cuda_compiler());
     d["abi_version"] = imaml_fast_abi_version();
+#ifdef _OPENMP
+    d["openmp"] = true;  // the CPU twins' threads are an OpenMP team (csrc/src/cpu/cpu_common.h)
+#else
+    d["openmp"] = false;
+#endif
     d["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                     std::to_string(PYBIND11_VERSION_MINOR) + "." +
                     std::to_string(PYBIND11_VERSION_PATCH);
     return d;
-  }, "What this build contains: cuda (bool), cuda_archs, no_cuda_reason, compiler versions.");
+  }, "What this build contains: cuda (bool), cuda_archs, no_cuda_reason, compiler versions, "
+     "openmp (bool).");
 
   m.def("set_cpu_threads", &imaml_fast_set_cpu_threads, py::arg("n"),
         "Threads the CPU twins spread their tasks over (process-wide; < 1 means 1).");
@@ -199,4 +205,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("gy"), py::arg("x"),
         py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("dgy"), py::arg("dx"),
         py::arg("dw"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("stream"));
+
+  // ---- conv2d_input_grad (CPU only)
+  m.def("conv2d_input_grad_cpu",
+        [](int dtype, std::uintptr_t gy, std::uintptr_t w, std::uintptr_t gx, int64_t N,
+           int64_t G, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+           int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+           int64_t dw) {
+          call("conv2d_input_grad_cpu", [&] {
+            return conv2d_input_grad_cpu(dtype, ptr(gy), ptr(w), ptr(gx), N, G, C, O, H, W, Ho,
+                                         Wo, KH, KW, sh, sw, ph, pw, dh, dw);
+          });
+        },
+        py::arg("dtype"), py::arg("gy"), py::arg("w"), py::arg("gx"), py::arg("N"), py::arg("G"),
+        py::arg("C"), py::arg("O"), py::arg("H"), py::arg("W"), py::arg("Ho"), py::arg("Wo"),
+        py::arg("KH"), py::arg("KW"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"),
+        py::arg("dh"), py::arg("dw"));
 }

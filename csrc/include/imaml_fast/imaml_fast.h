@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IMAML_FAST_ABI_VERSION 1
+#define IMAML_FAST_ABI_VERSION 2
 
 /* dtype codes */
 #define IMF_FLOAT32 0
@@ -133,6 +133,19 @@ int bn_double_backward_cuda(int dtype, const void* a, const void* b, const void*
                             const void* gy, const void* x, const void* mean, const void* invstd,
                             const void* weight, void* dgy, void* dx, void* dw, int64_t N,
                             int64_t C, int64_t S, void* stream);
+
+/* ---- conv2d_input_grad: the input gradient of a grouped 2-D convolution (CPU only) ----
+ * gx = d<gy, conv2d(x, w, stride, padding, dilation, groups=G)>/dx, what
+ * aten::convolution_backward returns first with output_mask [True, False, False].
+ * gy [N, G*O, Ho, Wo], w [G*O, C, KH, KW], gx [N, G*C, H, W] (overwritten), all contiguous;
+ * Ho and Wo must be the convolution's output size. Groups spread over the threads, each
+ * group on one thread (bit-identical for any thread count); per group a register-tiled
+ * product per input channel and a scatter-add into gx (csrc/src/cpu/conv_input_grad.cpp).
+ * float32/float64 (IMF_ERR_DTYPE otherwise). */
+int conv2d_input_grad_cpu(int dtype, const void* gy, const void* w, void* gx, int64_t N,
+                          int64_t G, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Ho,
+                          int64_t Wo, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
+                          int64_t pw, int64_t dh, int64_t dw);
 
 #ifdef __cplusplus
 } /* extern "C" */
