@@ -52,6 +52,28 @@ def test_auto_keeps_vmap_unless_another_strategy_is_clearly_faster(monkeypatch):
     batching.clear_cache()
 
 
+def test_auto_times_vmap_first_and_last_and_keeps_its_best(monkeypatch):
+    """vmap is timed before the other candidates and again after them (in a fresh process the
+    first timing still pays one-off costs): its best counts, in the order timed."""
+    fm = FunctionalModel(conv_bn(), F.cross_entropy)
+    xs, ys, _, _ = class_episode(9, 3, 1, (1, 6, 6), 3)
+    monkeypatch.setattr(batching, "_TUNE_MIN_SECONDS", 0.0)
+    for vmap_times, expected in (([0.1, 1.5, 1.45], 8), ([0.1, 1.5, 1.0], "vmap")):
+        batching.clear_cache()
+        order = []
+        times = {"loop": 2.0, 4: 1.4, 8: 1.3}
+
+        def fake(fm, theta, x, y, s, repeats=3, weights=(1.0, 0.0), vt=iter(vmap_times)):
+            order.append(s)
+            return next(vt) if s == "vmap" else times[s]
+
+        monkeypatch.setattr(batching, "_time_strategy", fake)
+        # warm-up, timed (1.5), retimed: 1.45 (8's 1.3 is 10% faster) or 1.0 (vmap stays)
+        assert batching.choose_strategy("auto", fm, fm.theta, xs, ys) == expected
+        assert order == ["vmap", "vmap", "loop", 4, 8, "vmap"]
+    batching.clear_cache()
+
+
 def test_tuning_weighs_gradients_and_products_as_a_meta_step_makes_them(monkeypatch):
     fm = FunctionalModel(conv_bn(), F.cross_entropy)
     xs, ys, _, _ = class_episode(4, 3, 1, (1, 6, 6), 3)
