@@ -63,9 +63,15 @@ def time_it(fn, repeats, device):
     return statistics.median(times), times
 
 
+ATEN_IGRAD = "ATen convolution input gradient"
+
+
 def _variant(settings: dict, name: str, cfg):
     """One row's meta-step as a zero-argument callable (built in its own process); each call
     returns what ran."""
+    if name.endswith(ATEN_IGRAD):  # this process's cpp backend without its conv_input_grad
+        from imaml_fast.backends import resolve_backend
+        resolve_backend("cpp", torch.device("cpu"), torch.float32).ops().pop("conv_input_grad")
     torch.manual_seed(0)
     model = omniglot_conv(settings["n_way"]).to(settings["device"])
     ep = episode(settings["tasks"], settings["n_way"], settings["shots"], settings["queries"],
@@ -137,6 +143,10 @@ def main(argv=None):
     for info in imaml_fast.backend_info(args.device):
         if info["available"] and info["name"] not in ("reference", "torch"):
             variants.append((info["name"], base.replace(backend=info["name"])))
+            if info["name"] == "cpp":
+                # its convolution input-gradient kernel against ATen's, all tasks in one call
+                variants.append((f"default, vmap all tasks, {ATEN_IGRAD}",
+                                 base.replace(backend="cpp", task_batching="vmap")))
     if args.amp != "none":
         variants.append((f"default, amp={args.amp}", base.replace(amp=args.amp)))
     if torch.device(args.device).type == "cuda":

@@ -29,6 +29,12 @@ a meta-step (16 inner steps, 5 CG steps) about 1.15x faster. A plain gradient ga
 (its backward is ATen's either way, and the Functions add Python overhead), so
 FunctionalModel uses them only for gradients taken with create_graph=True.
 
+A backend may also supply `conv_input_grad` (the cpp backend's C++ kernel for strided grouped
+2-D convolutions, the engine's per-task convolutions on the CPU; reference:
+`conv_input_grad_ref`, ATen's convolution_backward): ConvFn's first backward and the
+products' input term then use it, and the engine's plain gradients route convolutions through
+ConvFn for it (FunctionalModel.layer_derivatives "plain").
+
 `closed_form_layers()` is the TorchFunctionMode that routes F.conv1d/2d/3d (numeric padding)
 and F.batch_norm with batch statistics to these Functions; anything else (running
 statistics, padding="same", mixed dtypes other than a bf16/fp16 activation with fp32
@@ -275,6 +281,15 @@ class ConvFn(torch.autograd.Function):
         return y.view(y.shape[0], B, -1, *y.shape[2:]), 1
 
 
+def _kernel_applies(kernel, x, weight, stride, groups) -> bool:
+    """Whether a backend's conv_input_grad would run its kernel for this convolution (its
+    `applies` predicate; a kernel without one is taken to apply everywhere)."""
+    if kernel is None:
+        return False
+    applies = getattr(kernel, "applies", None)
+    return applies is None or applies(x, weight, stride, groups)
+
+
 class ConvBackwardFn(torch.autograd.Function):
     """(gy, x, weight, conv, mask, kernel) -> (gx, gweight, gbias), each None where mask says
     so: ATen's convolution_backward, with the input gradient by `kernel` (a backend's
@@ -288,7 +303,7 @@ class ConvBackwardFn(torch.autograd.Function):
     @staticmethod
     def forward(gy, x, weight, conv, mask, kernel=None):
         stride, padding, dilation, groups = conv
-        if kernel is None or not mask[0]:
+        if not mask[0] or not _kernel_applies(kernel, x, weight, stride, groups):
             return torch.ops.aten.convolution_backward(
                 gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
                 False, [0] * len(stride), groups, list(mask))
@@ -327,7 +342,8 @@ class ConvBackwardFn(torch.autograd.Function):
                 terms.append(c.view(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy))
             dgy = sum(terms[1:], terms[0]) if terms else torch.zeros_like(gy)
         want_x, want_w = need_x and B is not None, need_w and A is not None
-        if want_x and ctx.kernel is not None and not torch.is_grad_enabled():
+        if (want_x and not torch.is_grad_enabled()
+                and _kernel_applies(ctx.kernel, x, weight, stride, groups)):
             # no graph being built: the kernel's d/dx, then d/dweight alone
             dx = ctx.kernel(gy, x, B, stride, padding, dilation, groups)
             want_x = False
@@ -430,7 +446,8 @@ class closed_form_layers(TorchFunctionMode):
         if func in _CONVS:
             a = _CONV_SIGNATURE.bind(*args, **kwargs).arguments
             x, w, b = a["input"], a["weight"], a.get("bias")
-            if not isinstance(a.get("padding", 0), str) and x.dim() == w.dim():
+            if (not isinstance(a.get("padding", 0), str) and x.dim() == w.dim()
+                    and (self.batch_norm or self._kernel_may_run(x, w, a))):
                 args = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
                         a.get("groups", 1))
                 dev = x.device.type
@@ -452,3 +469,15 @@ class closed_form_layers(TorchFunctionMode):
                     and all(t is None or t.dtype == x.dtype or _mixed_ok(x, t) for t in (w, b))):
                 return batch_norm(x, w, b, a.get("eps", 1e-5), self.bn_kernel)
         return func(*args, **kwargs)
+
+    def _kernel_may_run(self, x, w, a) -> bool:
+        """Routing only for the convolution kernel (batch_norm=False): whether it may run
+        for this call. Under a torch.func transform (vmap's per-task call, whose rule folds
+        the tasks into groups) it may; a plain call is asked about as it is."""
+        if self.conv_kernel is None:
+            return False
+        if _functorch is not None and _functorch.is_functorch_wrapped_tensor(x):
+            return True
+        stride = a.get("stride", 1)
+        stride = list(stride) if isinstance(stride, (tuple, list)) else [int(stride)] * (w.dim() - 2)
+        return _kernel_applies(self.conv_kernel, x, w, stride, a.get("groups", 1))

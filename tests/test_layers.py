@@ -565,3 +565,39 @@ def test_meta_gradient_with_the_cpp_convolution_input_gradient(monkeypatch, task
     torch_ = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg.replace(backend="torch"))
     ref = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg.replace(backend="reference"))
     _assert_same_meta_gradient(ours, torch_, ref)
+
+
+def _graph_names(t, depth=4):
+    """The names of the autograd nodes within `depth` steps of t's grad_fn."""
+    names, frontier = set(), [t.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names.update(type(f).__name__ for f in frontier)
+        frontier = [n for f in frontier for n, _ in f.next_functions]
+    return names
+
+
+def test_plain_gradients_route_only_convolutions_the_kernel_takes():
+    """closed_form_layers(conv_kernel=..., batch_norm=False), the engine's plain gradients:
+    a convolution goes to ConvFn only where the backend's kernel would run (strided, 2+
+    groups, or under vmap, whose rule folds the tasks into groups); others, and BatchNorm,
+    stay ATen's (one convolution_backward call, no Function overhead)."""
+    from imaml_fast.backends import cpp
+    kernel = cpp.load_ops()["conv_input_grad"]
+    x = torch.randn(2, 4, 8, 8, dtype=D, requires_grad=True)
+    w2 = torch.randn(6, 2, 3, 3, dtype=D, requires_grad=True)
+    w1 = torch.randn(6, 4, 3, 3, dtype=D, requires_grad=True)
+    with closed_form_layers(conv_kernel=kernel, batch_norm=False):
+        routed = F.conv2d(x, w2, None, 2, 1, 1, 2)
+        one_group = F.conv2d(x, w1, None, 2, 1)
+        unstrided = F.conv2d(x, w2, None, 1, 1, 1, 2)
+        bn = F.batch_norm(x, None, None, training=True)
+        under_vmap = torch.func.vmap(lambda xi, wi: F.conv2d(xi, wi, None, 2, 1))(
+            x.unsqueeze(1).expand(2, 3, 4, 8, 8), w1.unsqueeze(0).expand(2, 6, 4, 3, 3))
+    assert type(routed.grad_fn).__name__ == "ConvFnBackward"
+    assert type(one_group.grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(unstrided.grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(bn.grad_fn).__name__ == "NativeBatchNormBackward0"
+    assert "ConvFnBackward" in _graph_names(under_vmap)
+    with closed_form_layers(conv_kernel=None, batch_norm=False):
+        assert type(F.conv2d(x, w2, None, 2, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"

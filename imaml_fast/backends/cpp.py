@@ -122,11 +122,23 @@ def conv_input_grad(gy, x, weight, stride, padding, dilation, groups):
     ATen's input gradient of an unstrided convolution is a plain convolution)."""
     from ..layers import conv_input_grad_ref, kernel_can_take
 
-    if (isinstance(weight, torch.Tensor) and weight.dim() == 4 and groups >= 2
-            and any(int(v) > 1 for v in stride) and x.device.type == "cpu"
-            and kernel_can_take([gy, x, weight], CPU_DTYPES)):
+    if conv_input_grad_applies(x, weight, stride, groups) and kernel_can_take([gy, x, weight],
+                                                                              CPU_DTYPES):
         return conv2d_input_grad(gy, x, weight, stride, padding, dilation, groups)
     return conv_input_grad_ref(gy, x, weight, stride, padding, dilation, groups)
+
+
+def conv_input_grad_applies(x, weight, stride, groups) -> bool:
+    """Whether conv_input_grad runs its kernel for a convolution of this kind (2-D, a stride
+    above 1, 2+ groups, float32/float64 on the CPU); the layers ask before routing a
+    convolution to it, so that one ATen call is not split into two where the kernel would not
+    run anyway (a loop over tasks: one group per call)."""
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 4 and int(groups) >= 2
+            and any(int(v) > 1 for v in stride) and x.device.type == "cpu"
+            and x.dtype in CPU_DTYPES)
+
+
+conv_input_grad.applies = conv_input_grad_applies
 
 
 def conv2d_input_grad(gy, x, weight, stride, padding, dilation, groups):
