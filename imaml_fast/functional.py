@@ -123,7 +123,8 @@ class FunctionalModel:
         "conv_input_grad", if any, the convolutions' input gradients."""
         if mode not in ("closed_form", "autograd", "plain"):
             raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
-                             f"'closed_form', 'autograd'")
+                             f"'closed_form', 'autograd' (and 'plain', the engine's own choice "
+                             f"for gradients taken once)")
         before = self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel
         self.closed_form = mode == "closed_form"
         self.plain_convs = mode == "plain"
