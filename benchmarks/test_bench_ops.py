@@ -102,18 +102,21 @@ def _ops(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("op", ["prox_update", "cg_update", "batched_dot", "dense_cg",
-                                "bn_double_backward"])
+                                "bn_double_backward", "conv_input_grad"])
 def test_op_per_backend(benchmark, backend, op):
     """Each fused op of the batched engine, torch (the PyTorch reference ops) against cpp
     (the C++ CPU twins of the CUDA kernels), on the shapes a meta-step gives it: [T, P] with
     the Omniglot network's P for the vector ops, the sinusoid MLP (P = 1,761) for the
     5-iteration dense CG, the network's first BatchNorm under vmap ([5, 32 * 64, 14, 14]) for
-    BatchNorm's second derivative. Compare within each group: the kernel backend should be
-    no slower."""
+    BatchNorm's second derivative, its second convolution with the tasks as groups (input
+    [5, 32 * 64, 14, 14], stride 2) for the convolution input gradient (the torch backend has
+    no such op: ATen's convolution_backward, the reference, runs there). Compare within each
+    group: the kernel backend should be no slower."""
     from imaml_fast.cg import CG_MAX_ITER
+    from imaml_fast.layers import conv_input_grad_ref
 
     benchmark.group = f"op {op}"
-    fn = _ops(backend)[op]
+    fn = _ops(backend).get(op, conv_input_grad_ref if op == "conv_input_grad" else None)
     P = 113_221
     if op == "prox_update":
         phi, g, theta = torch.randn(T, P), torch.randn(T, P), torch.randn(P)
@@ -132,6 +135,9 @@ def test_op_per_backend(benchmark, backend, op):
         w, b, c = (torch.randn(C) for _ in range(3))
         _, mean, invstd = torch.native_batch_norm(x, w, None, None, None, True, 0.0, 1e-5)
         args = (a, b, c, gy, x, mean, invstd, w)
+    elif op == "conv_input_grad":
+        x, w = torch.randn(5, T * 64, 14, 14), torch.randn(T * 64, 64, 3, 3)
+        args = (torch.randn(5, T * 64, 7, 7), x, w, [2, 2], [1, 1], [1, 1], T)
     else:
         Pd = 1761
         A = torch.randn(T, Pd, Pd) / Pd ** 0.5
