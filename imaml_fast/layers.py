@@ -303,16 +303,16 @@ class ConvBackwardFn(torch.autograd.Function):
     @staticmethod
     def forward(gy, x, weight, conv, mask, kernel=None):
         stride, padding, dilation, groups = conv
-        if not mask[0] or not _kernel_applies(kernel, x, weight, stride, groups):
-            return torch.ops.aten.convolution_backward(
-                gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
-                False, [0] * len(stride), groups, list(mask))
-        gx = kernel(gy, x, weight, stride, padding, dilation, groups)
-        gw = gb = None
-        if mask[1] or mask[2]:
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
-                False, [0] * len(stride), groups, [False, mask[1], mask[2]])
+        # the input gradient by the kernel where it runs, everything else in one ATen call
+        by_kernel = mask[0] and _kernel_applies(kernel, x, weight, stride, groups)
+        aten_mask = [mask[0] and not by_kernel, mask[1], mask[2]]
+        if by_kernel and not any(aten_mask):
+            return kernel(gy, x, weight, stride, padding, dilation, groups), None, None
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, aten_mask)
+        if by_kernel:
+            gx = kernel(gy, x, weight, stride, padding, dilation, groups)
         return gx, gw, gb
 
     @staticmethod
@@ -478,6 +478,5 @@ class closed_form_layers(TorchFunctionMode):
             return False
         if _functorch is not None and _functorch.is_functorch_wrapped_tensor(x):
             return True
-        stride = a.get("stride", 1)
-        stride = list(stride) if isinstance(stride, (tuple, list)) else [int(stride)] * (w.dim() - 2)
+        stride = _conv_args(w.dim() - 2, a.get("stride", 1), 0, 1)[0]
         return _kernel_applies(self.conv_kernel, x, w, stride, a.get("groups", 1))

@@ -161,12 +161,12 @@ __attribute__((always_inline)) inline void group_impl(const T* gy, const T* w, T
 // multiply-add) and for the baseline the library is compiled for; chosen once at run time.
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define IMF_X86_DISPATCH 1
-__attribute__((target("avx2,fma"))) void group_f32_avx2(
+__attribute__((target("avx2,fma"))) void group_avx2(
     const float* gy, const float* w, float* gx, const Shape& s, int64_t g,
     std::vector<float>& B, std::vector<float>& wt, std::vector<float>& c) {
   group_impl<float>(gy, w, gx, s, g, B, wt, c);
 }
-__attribute__((target("avx2,fma"))) void group_f64_avx2(
+__attribute__((target("avx2,fma"))) void group_avx2(
     const double* gy, const double* w, double* gx, const Shape& s, int64_t g,
     std::vector<double>& B, std::vector<double>& wt, std::vector<double>& c) {
   group_impl<double>(gy, w, gx, s, g, B, wt, c);
@@ -177,30 +177,22 @@ bool has_avx2_fma() {
 }
 #endif
 
-void group_f32(const float* gy, const float* w, float* gx, const Shape& s, int64_t g,
-               std::vector<float>& B, std::vector<float>& wt, std::vector<float>& c) {
-#ifdef IMF_X86_DISPATCH
-  if (has_avx2_fma()) return group_f32_avx2(gy, w, gx, s, g, B, wt, c);
-#endif
-  group_impl<float>(gy, w, gx, s, g, B, wt, c);
-}
-
-void group_f64(const double* gy, const double* w, double* gx, const Shape& s, int64_t g,
-               std::vector<double>& B, std::vector<double>& wt, std::vector<double>& c) {
-#ifdef IMF_X86_DISPATCH
-  if (has_avx2_fma()) return group_f64_avx2(gy, w, gx, s, g, B, wt, c);
-#endif
-  group_impl<double>(gy, w, gx, s, g, B, wt, c);
-}
-
-template <typename T, typename F>
-void run(const Shape& s, F&& one_group) {
+// Every group of one call, spread over the workers, each with its own scratch.
+template <typename T>
+int run(const void* gy, const void* w, void* gx, const Shape& s) {
   int64_t workers = imaml_fast_cpu_threads();
   if (workers < 1) workers = 1;
   std::vector<std::vector<T>> B(workers), wt(workers), cols(workers);  // scratch per worker
+  const T* gy_t = static_cast<const T*>(gy);
+  const T* w_t = static_cast<const T*>(w);
+  T* gx_t = static_cast<T*>(gx);
   for_tasks_on_workers(s.G, s.N * (s.C + s.O) * s.H * s.W, [&](int64_t g, int64_t k) {
-    one_group(g, B[k], wt[k], cols[k]);
+#ifdef IMF_X86_DISPATCH
+    if (has_avx2_fma()) return group_avx2(gy_t, w_t, gx_t, s, g, B[k], wt[k], cols[k]);
+#endif
+    group_impl<T>(gy_t, w_t, gx_t, s, g, B[k], wt[k], cols[k]);
   });
+  return IMF_OK;
 }
 
 }  // namespace
@@ -223,21 +215,7 @@ extern "C" int conv2d_input_grad_cpu(int dtype, const void* gy, const void* w, v
   if (N * G * C * H * W == 0) return IMF_OK;
   if (!gy || !w || !gx) return IMF_ERR_NULL;
   const Shape s{N, G, C, O, H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw};
-  if (dtype == IMF_FLOAT32) {
-    run<float>(s, [&](int64_t g, std::vector<float>& B, std::vector<float>& wt,
-                      std::vector<float>& cols) {
-      group_f32(static_cast<const float*>(gy), static_cast<const float*>(w),
-                static_cast<float*>(gx), s, g, B, wt, cols);
-    });
-    return IMF_OK;
-  }
-  if (dtype == IMF_FLOAT64) {
-    run<double>(s, [&](int64_t g, std::vector<double>& B, std::vector<double>& wt,
-                       std::vector<double>& cols) {
-      group_f64(static_cast<const double*>(gy), static_cast<const double*>(w),
-                static_cast<double*>(gx), s, g, B, wt, cols);
-    });
-    return IMF_OK;
-  }
+  if (dtype == IMF_FLOAT32) return run<float>(gy, w, gx, s);
+  if (dtype == IMF_FLOAT64) return run<double>(gy, w, gx, s);
   return IMF_ERR_DTYPE;
 }
