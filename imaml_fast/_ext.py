@@ -10,6 +10,7 @@ never initialises CUDA (the module holds no CUDA state until a *_cuda function i
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -24,15 +25,27 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 _BUILD_HINT = ("build it with `pip install -e .` from the repository (needs cmake and a C++17 "
                "compiler; nvcc for the CUDA kernels)")
 
+_MISSING = "the extension module is missing"
 _state: Optional[Tuple[object, Optional[str]]] = None
 _info: Optional[dict] = None
 
 
 def load():
-    """(module, None) when imaml_fast._C imports, else (None, the reason). Cached."""
+    """(module, None) when imaml_fast._C imports, else (None, the reason). Cached.
+
+    A module that is there but cannot be used (a stale build with another C ABI, an import
+    error) also warns, once per process: backend="auto" then quietly runs the pure-PyTorch
+    backends, about half as fast on the CPU, and the user did build the extension. A module
+    that is simply not built (a pure-Python install) does not warn: that fallback is the
+    documented one."""
     global _state
     if _state is None:
         _state = _import()
+        module, why = _state
+        if module is None and not why.startswith(_MISSING):
+            warnings.warn(f"imaml_fast._C cannot be used: {why}. backend='auto' runs the "
+                          f"pure-PyTorch backends until it is rebuilt.", RuntimeWarning,
+                          stacklevel=2)
     return _state
 
 
@@ -41,7 +54,7 @@ def _import():
         module = importlib.import_module("imaml_fast._C")
     except ModuleNotFoundError as e:
         if e.name == "imaml_fast._C":
-            return None, f"the extension module is missing ({_BUILD_HINT})"
+            return None, f"{_MISSING} ({_BUILD_HINT})"
         return None, f"importing it failed: {e}"
     except ImportError as e:  # e.g. an undefined symbol, a wrong architecture
         return None, f"importing it failed: {e} ({_BUILD_HINT})"

@@ -164,6 +164,38 @@ def test_cpp_and_cuda_say_the_extension_is_not_built(monkeypatch):
         cpp_backend.load_ops()
 
 
+def test_a_stale_build_warns_once_and_a_missing_one_does_not(monkeypatch):
+    """A built module with another C ABI is refused with a RuntimeWarning (once per process:
+    load() caches), since backend="auto" then silently runs the slower pure-PyTorch path; an
+    extension that was never built is the documented pure-Python install and stays quiet."""
+    import types
+    import warnings
+
+    stale = types.ModuleType("imaml_fast._C")
+    stale.ABI_VERSION = _ext.ABI_VERSION - 1
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: stale)
+    monkeypatch.setattr(_ext, "_state", None)
+    with pytest.warns(RuntimeWarning, match=r"imaml_fast\._C cannot be used: the built extension "
+                      rf"has C ABI version {_ext.ABI_VERSION - 1}, these wrappers need "
+                      rf"{_ext.ABI_VERSION}: a stale build; rebuild"):
+        module, why = _ext.load()
+    assert module is None and "stale build" in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ext.load() == (None, why)  # cached: no second warning
+        assert "stale build" in cpp_backend.why_not("cpu", torch.float32)[0]
+
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'imaml_fast._C'", name="imaml_fast._C")
+
+    monkeypatch.setattr(_ext.importlib, "import_module", missing)
+    monkeypatch.setattr(_ext, "_state", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module, why = _ext.load()
+    assert module is None and why.startswith("the extension module is missing")
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the reasons given on a machine without a GPU")
 def test_cuda_says_why_not_here():
     why = cuda_backend.why_not(torch.device("cpu"), torch.float32)
