@@ -1,6 +1,7 @@
 // CPU twin of bn_double_backward_cuda: the vector-Jacobian product of BatchNorm's backward pass
 // (semantics: imaml_fast.layers.batch_norm_double_backward; formulas in imaml_fast.h).
-// Channels are the tasks: each channel runs on one thread, two passes over its M = N * S
+// Channels are the tasks: each channel runs on one thread (contiguous blocks of channels per
+// thread, cpu_common.h channel_blocks), two passes over its M = N * S
 // elements (the five sums in 8 lanes, then dgy and dx), so results do not depend on the thread
 // count. The absent optional inputs (a, b, c) are template flags: their terms are dropped.
 #include "../bn_scalars.h"
@@ -12,32 +13,13 @@ using namespace imaml_fast::cpu;
 
 namespace {
 
-// Calls f(i, lane) for the M = N * S elements of channel ch of a contiguous [N, C, S] array,
-// in order m = n * S + s, with i = (n * C + ch) * S + s and lane = m % 8, whatever S. Each row
-// is a head that runs its lane counter up to 8, blocks of 8 starting at lane 0 (lane_loop's
-// vectorisable shape), and a tail: the Omniglot network's S = 196 and 49 vectorise too, and
-// every element keeps its lane and its place in the lane's order (the same bits as one running
-// counter; tests/test_csrc.py).
-template <typename F>
-inline void channel_loop(int64_t N, int64_t C, int64_t S, int64_t ch, F&& f) {
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t base = (n * C + ch) * S;
-    int k = static_cast<int>((n * S) & 7);
-    int64_t s = 0;
-    for (; k != 0 && s < S; ++s, k = (k + 1) & 7) f(base + s, k);
-    for (; s + 8 <= S; s += 8)
-      for (int j = 0; j < 8; ++j) f(base + s + j, j);
-    for (int j = 0; s < S; ++s, ++j) f(base + s, j);
-  }
-}
-
 template <typename T, bool HA, bool HB, bool HC>
 void bn_double_backward_impl(const T* a, const T* b, const T* c, const T* gy, const T* x,
                              const T* mean, const T* invstd, const T* weight, T* dgy, T* dx,
                              T* dw, int64_t N, int64_t C, int64_t S) {
   const int64_t M = N * S;
   const T Mt = static_cast<T>(M);
-  for_tasks(C, M, [&](int64_t ch) {
+  channel_blocks(C, M, [&](int64_t ch) {
     const T mu = mean[ch];
     const T r = invstd[ch];
     // Pass 1: sums of gy, gy xh and (with a) a, a xh, a gy.
