@@ -17,7 +17,7 @@ import torch
 
 # The C ABI version these wrappers are written against (IMAML_FAST_ABI_VERSION in
 # csrc/include/imaml_fast/imaml_fast.h); a stale build with another ABI is refused.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # dtype codes of the C ABI (IMF_FLOAT32, ...).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}

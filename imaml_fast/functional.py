@@ -104,6 +104,7 @@ class FunctionalModel:
         self.bn_kernel = None  # a backend's fused BatchNorm double backward, see layer_derivatives
         self.conv_kernel = None  # a backend's convolution input gradient, see layer_derivatives
         self.plain_convs = False  # "plain" layer derivatives: only the convolutions routed
+        self.bn_relu_ops = None  # a backend's (bn_relu_forward, bn_relu_backward), see below
         # A plain stack of known layers runs hand-batched over tasks instead of under vmap
         # (imaml_fast.stacked); None where the model is not one. layer_batching: "auto" uses
         # it where there is one, "vmap" never (IMAMLConfig.layer_batching, set by engine_mode).
@@ -120,22 +121,28 @@ class FunctionalModel:
         conv_input_grad kernel, for their input gradients.
         backend: the engine's backend (imaml_fast.backends.Backend); its batched ops'
         "bn_double_backward", if any, runs BatchNorm's second derivative in products, and
-        "conv_input_grad", if any, the convolutions' input gradients."""
+        "conv_input_grad", if any, the convolutions' input gradients; "bn_relu_forward" and
+        "bn_relu_backward", if any, run a BatchNorm followed by a ReLU as one layer in "plain"
+        gradients of the hand-batched layers (imaml_fast.stacked)."""
         if mode not in ("closed_form", "autograd", "plain"):
             raise ValueError(f"layer derivatives {mode!r} is invalid: allowed values are "
                              f"'closed_form', 'autograd' (and 'plain', the engine's own choice "
                              f"for gradients taken once)")
-        before = self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel
+        before = (self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel,
+                  self.bn_relu_ops)
         self.closed_form = mode == "closed_form"
         self.plain_convs = mode == "plain"
         if backend is not None:
             ops = backend.ops() if backend.batched else {}
             self.bn_kernel = ops.get("bn_double_backward")
             self.conv_kernel = ops.get("conv_input_grad")
+            pair = (ops.get("bn_relu_forward"), ops.get("bn_relu_backward"))
+            self.bn_relu_ops = pair if None not in pair else None
         try:
             yield
         finally:
-            self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel = before
+            (self.closed_form, self.plain_convs, self.bn_kernel, self.conv_kernel,
+             self.bn_relu_ops) = before
 
     def layer_mode(self):
         """The TorchFunctionMode (or a null context) a forward pass runs under, per
@@ -147,6 +154,14 @@ class FunctionalModel:
         if self.plain_convs and self.conv_kernel is not None and self.amp_dtype is None:
             return closed_form_layers(conv_kernel=self.conv_kernel, batch_norm=False)
         return nullcontext()
+
+    def fused_bn_relu(self):
+        """The (bn_relu_forward, bn_relu_backward) ops the hand-batched layers run a BatchNorm
+        followed by a ReLU with, or None: only for "plain" gradients (taken once: the fused
+        layer has no second derivative), not under amp, and only where the backend has them."""
+        if self.plain_convs and self.amp_dtype is None:
+            return self.bn_relu_ops
+        return None
 
     @contextmanager
     def engine_mode(self, config, backend=None):

@@ -233,6 +233,91 @@ class BatchNormBackwardFn(torch.autograd.Function):
                 (1, None if gw is None else 0, None if gb is None else 0))
 
 
+# ---- BatchNorm followed by ReLU, first derivatives only (the engine's plain gradients) -------
+
+def bn_relu_forward_ref(x, weight, bias, eps):
+    """relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)) with its batch
+    statistics: (y, mean [C], invstd [C]), invstd = 1/sqrt(biased var + eps). The reference of
+    the backends' bn_relu_forward kernels (same signature)."""
+    var, mean = torch.var_mean(x, _per_channel(x)[0], correction=0)
+    invstd = torch.rsqrt(var + eps)
+    return _bn_relu_pre(x, mean, invstd, weight, bias).clamp_min(0), mean, invstd
+
+
+def _bn_relu_pre(x, mean, invstd, weight, bias):
+    """The pre-activation (x - mean) invstd w + b, per channel (dim 1)."""
+    shape = _per_channel(x)[1]
+    z = (x - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        z = z * weight.view(shape)
+    return z if bias is None else z + bias.view(shape)
+
+
+def bn_relu_backward_ref(gy, x, mean, invstd, weight, bias, output_mask):
+    """The gradients (gx, gweight, gbias) of bn_relu_forward_ref's y for the output gradient
+    gy, each None where output_mask (three bools) says so or the parameter is None. The ReLU
+    mask is recomputed from x (pre-activation > 0, as ATen's ReLU backward tests its output
+    > 0). The reference of the backends' bn_relu_backward kernels (same signature)."""
+    dims, shape = _per_channel(x)
+    g = torch.where(_bn_relu_pre(x, mean, invstd, weight, bias) > 0, gy, 0)
+    xh = (x - mean.view(shape)) * invstd.view(shape)
+    sg, sgx = g.sum(dims), (g * xh).sum(dims)
+    gx = gw = gb = None
+    if output_mask[0]:
+        M = x.numel() // x.shape[1]
+        wr = invstd if weight is None else weight * invstd
+        gx = wr.view(shape) * (g - (sg / M).view(shape) - xh * (sgx / M).view(shape))
+    if output_mask[1] and weight is not None:
+        gw = sgx
+    if output_mask[2] and bias is not None:
+        gb = sg
+    return gx, gw, gb
+
+
+class BatchNormReluFn(torch.autograd.Function):
+    """(x [N, C, ...], weight [C] or None, bias [C] or None, eps, ops) -> y =
+    relu(batch_norm(x)) with batch statistics, in one forward and one backward call: ops is a
+    backend's (bn_relu_forward, bn_relu_backward) pair (None: the references above). For
+    gradients taken once: its backward is not differentiable again (products keep
+    BatchNormFn and ATen's ReLU, whose second derivatives are written out)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, ops=None):
+        fwd = ops[0] if ops is not None else bn_relu_forward_ref
+        y, mean, invstd = fwd(x, weight, bias, eps)
+        return y, mean, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps, ops = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.ops = ops
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _ginvstd):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
+            raise RuntimeError(
+                "batch_norm_relu (BatchNormReluFn) has first derivatives only, and this "
+                "backward pass builds a graph (create_graph=True) for higher ones: use "
+                "F.relu(F.batch_norm(...)) (or imaml_fast.layers.batch_norm) there")
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        bwd = ctx.ops[1] if ctx.ops is not None else bn_relu_backward_ref
+        gx, gw, gb = bwd(gy.contiguous(), x, mean, invstd, weight, bias,
+                         tuple(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None
+
+
+def batch_norm_relu(x, weight=None, bias=None, eps: float = 1e-5, ops=None) -> torch.Tensor:
+    """F.relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)) as one layer
+    (BatchNormReluFn), first derivatives only; ops: a backend's (bn_relu_forward,
+    bn_relu_backward) kernels. Refuses what F.batch_norm refuses in training (one value per
+    channel), with its error."""
+    F._verify_batch_size(x.size())
+    return BatchNormReluFn.apply(x, weight, bias, eps, ops)[0]
+
+
 def _conv_args(dims: int, stride, padding, dilation):
     def as_list(v):
         return list(v) if isinstance(v, (tuple, list)) else [int(v)] * dims

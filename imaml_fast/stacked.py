@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from .layers import batch_norm_relu
+
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -131,16 +133,24 @@ class StackedPlan:
             return x.dim() == 3
         return x.dim() == self.input_dim if self.input_dim else x.dim() >= 4
 
-    def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                bn_relu=None) -> torch.Tensor:
         """Outputs [T, N, ...] of every task's model: params per-parameter [T, *shape] in
-        FunctionalModel.names order, x [T, N, ...]."""
+        FunctionalModel.names order, x [T, N, ...]. bn_relu: a backend's (bn_relu_forward,
+        bn_relu_backward) ops; a BatchNorm followed by a ReLU then runs as one layer
+        (imaml_fast.layers.batch_norm_relu, first derivatives only: FunctionalModel passes
+        them for gradients taken once)."""
         T, N = x.shape[0], x.shape[1]
         if self.input_layout == "spatial":
             h = x.transpose(0, 1).reshape(N, T * x.shape[2], *x.shape[3:])
         else:
             h = x
         spatial = self.input_layout == "spatial"
-        for s in self.steps:
+        skip_next = False
+        for k, s in enumerate(self.steps):
+            if skip_next:  # the ReLU that batch_norm_relu already applied
+                skip_next = False
+                continue
             m = s.module
             w = None if s.weight is None else params[s.weight]
             b = None if s.bias is None else params[s.bias]
@@ -151,7 +161,10 @@ class StackedPlan:
             elif s.kind == "bn":
                 w = None if w is None else w.reshape(-1)
                 b = None if b is None else b.reshape(-1)
-                if spatial:
+                if spatial and bn_relu is not None and self._relu_follows(k) and _plain(h):
+                    h = batch_norm_relu(h, w, b, m.eps, bn_relu)
+                    skip_next = True
+                elif spatial:
                     h = F.batch_norm(h, None, None, w, b, True, 0.0, m.eps)
                 else:  # [T, N, F]: per (task, feature) statistics over the N samples
                     Fd = h.shape[2]
@@ -170,6 +183,18 @@ class StackedPlan:
         if spatial:  # a model that ends before any flatten: [N, T*C, ...] -> [T, N, C, ...]
             h = h.reshape(N, T, -1, *h.shape[2:]).transpose(0, 1)
         return h
+
+
+    def _relu_follows(self, k: int) -> bool:
+        """Whether step k + 1 is a plain nn.ReLU (what batch_norm_relu fuses)."""
+        return (k + 1 < len(self.steps) and self.steps[k + 1].kind == "apply"
+                and type(self.steps[k + 1].module) is nn.ReLU)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Not a torch.func wrapper: the fused layer defines no vmap or forward-mode rule."""
+    f = getattr(torch._C, "_functorch", None)
+    return f is None or not f.is_functorch_wrapped_tensor(t)
 
 
 def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPlan]:
@@ -299,7 +324,7 @@ def run(fm, fn_name: str, params: Tuple[torch.Tensor, ...], args: Sequence[torch
     """FunctionalModel's forward_params / loss_params / loss_and_output_params for a span of
     tasks at once (params per-parameter [t, *shape], args [t, N, ...]), through fm.stacked."""
     with fm.layer_mode():
-        out = fm.stacked.forward(params, args[0])
+        out = fm.stacked.forward(params, args[0], bn_relu=fm.fused_bn_relu())
     if fn_name == "forward_params":
         return out
     losses = batched_loss(fm.loss_fn, out, args[1])

@@ -1038,3 +1038,181 @@ def test_openmp_team_when_built_with_gcc():
         gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
         torch_gomp = {p for p in gomp if os.sep + "torch" + os.sep in p}
         assert not torch_gomp or gomp == torch_gomp, gomp
+
+
+# ---- bn_relu: BatchNorm then ReLU as one layer (CPU) --------------------------------------------
+
+def bn_relu_inputs(shape, dtype, seed=0, affine=(True, True)):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(C, generator=g, dtype=torch.float64) if affine[0] else None
+    b = 0.5 * torch.randn(C, generator=g, dtype=torch.float64) if affine[1] else None
+    gy = torch.randn(shape, generator=g, dtype=torch.float64)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(x), cast(w), cast(b), cast(gy)
+
+
+def bn_relu_aten64(x, w, b, gy, eps=1e-5):
+    """ATen's own BatchNorm and ReLU in float64, differentiated by autograd: the values the
+    kernels must reproduce (an independent computation, not the references)."""
+    F_ = torch.nn.functional
+    xs, ws, bs = (None if t is None else t.detach().double().clone().requires_grad_()
+                  for t in (x, w, b))
+    y = F_.relu(F_.batch_norm(xs, None, None, ws, bs, True, 0.0, eps))
+    leaves = [t for t in (xs, ws, bs) if t is not None]
+    grads = iter(torch.autograd.grad(y, leaves, gy.double()))
+    gx = next(grads)
+    gw = None if w is None else next(grads)
+    gb = None if b is None else next(grads)
+    return y.detach(), gx, gw, gb
+
+
+# (3, 3, 1, 1): three elements per channel (with two, gx is all cancellation: relative error
+# 1e-12 of a result 1e-5 the size of gy)
+BN_RELU_SHAPES = [(5, 64, 7, 7), (3, 10), (2, 4, 3, 5, 2), (4, 6, 13), (3, 3, 1, 1), (9, 2, 8)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, False)])
+def test_bn_relu_kernels_match_aten(shape, dtype, tol, affine):
+    """Forward (y, mean, invstd) and backward (gx, gw, gb) of the kernels against ATen's
+    BatchNorm + ReLU under autograd in float64: rows of every length (full vectors and
+    tails, S = 1), with and without weight and bias."""
+    x, w, b, gy = bn_relu_inputs(shape, dtype, affine=affine)
+    y, mean, invstd = cpp_backend.bn_relu_forward(x, w, b, 1e-5)
+    y64, gx64, gw64, gb64 = bn_relu_aten64(x, w, b, gy)
+    dims = [0] + list(range(2, x.dim()))
+    var64, mean64 = torch.var_mean(x.double(), dims, correction=0)
+    assert y.dtype == dtype and flat_rel(y, y64) <= tol
+    assert flat_rel(mean, mean64) <= tol and flat_rel(invstd, (var64 + 1e-5).rsqrt()) <= tol
+    gx, gw, gb = cpp_backend.bn_relu_backward(gy, x, mean, invstd, w, b, (True, True, True))
+    assert flat_rel(gx, gx64) <= tol
+    assert (gw is None) == (w is None) and (gb is None) == (b is None)
+    for got, want in ((gw, gw64), (gb, gb64)):
+        if want is not None:
+            assert flat_rel(got, want) <= tol
+
+
+def test_bn_relu_backward_computes_only_what_the_mask_asks():
+    x, w, b, gy = bn_relu_inputs((4, 6, 5, 5), torch.float64)
+    y, mean, invstd = cpp_backend.bn_relu_forward(x, w, b, 1e-5)
+    full = cpp_backend.bn_relu_backward(gy, x, mean, invstd, w, b, (True, True, True))
+    for mask in [(True, False, False), (False, True, True), (False, False, True)]:
+        got = cpp_backend.bn_relu_backward(gy, x, mean, invstd, w, b, mask)
+        for m, g, f in zip(mask, got, full):
+            assert (g is None) if not m else torch.equal(g, f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bn_relu_same_bits_on_any_number_of_threads(monkeypatch, dtype):
+    """Above the twins' threading threshold, C not a multiple of the thread count (the last
+    block of channels shorter), rows with and without a tail."""
+    module, _ = _ext.load()
+    inputs = [bn_relu_inputs(s, dtype, seed=i) for i, s in
+              enumerate([(16, 7, 33, 19), (64, 5, 256), (22000, 3)])]
+    runs = {}
+    try:
+        for n in (1, 3):
+            monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+            out = []
+            for x, w, b, gy in inputs:
+                y, mean, invstd = cpp_backend.bn_relu_forward(x, w, b, 1e-5)
+                out += [y, mean, invstd, *cpp_backend.bn_relu_backward(
+                    gy, x, mean, invstd, w, b, (True, True, True))]
+            runs[n] = out
+            assert module.cpu_threads() == n
+    finally:
+        module.set_cpu_threads(1)
+    assert all(torch.equal(u, v) for u, v in zip(runs[1], runs[3]))
+
+
+def test_bn_relu_mask_is_the_forwards():
+    """The backward recomputes the ReLU mask from x: it must pass the gradient exactly where
+    the forward's output is positive (checked on data with many pre-activations at 0: a
+    channel whose bias puts half the elements on the threshold)."""
+    x = torch.tensor([[-1.0, 1.0, -1.0, 1.0]], dtype=torch.float64).T.reshape(4, 1)
+    x = torch.cat([x, torch.randn(4, 2, dtype=torch.float64)], 1)  # C = 3
+    w = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # channel 0: z = xh + 1 is 0 or 2
+    y, mean, invstd = cpp_backend.bn_relu_forward(x, w, b, 0.0)
+    assert torch.equal(y[:, 0], torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=torch.float64))
+    gy = torch.ones_like(x)
+    gx, gw, gb = cpp_backend.bn_relu_backward(gy, x, mean, invstd, w, b, (True, True, True))
+    assert gb[0] == 2.0  # only the two positive outputs pass their gradient
+    assert torch.equal(gb, (y > 0).double().sum(0))
+
+
+def test_bn_relu_falls_back_to_the_references():
+    """Other dtypes, inputs that need autograd and torch.func wrappers go to the references
+    (imaml_fast.layers.bn_relu_forward_ref / bn_relu_backward_ref)."""
+    from imaml_fast.layers import bn_relu_backward_ref, bn_relu_forward_ref
+
+    x, w, b, gy = bn_relu_inputs((4, 6, 3, 3), torch.bfloat16)
+    for got, want in zip(cpp_backend.bn_relu_forward(x, w, b, 1e-5),
+                         bn_relu_forward_ref(x, w, b, 1e-5)):
+        assert torch.equal(got, want)
+    x, w, b, gy = bn_relu_inputs((4, 6, 3, 3), torch.float64)
+    xg = x.clone().requires_grad_()
+    y, mean, invstd = cpp_backend.bn_relu_forward(xg, w, b, 1e-5)
+    assert y.requires_grad  # the differentiable reference ran
+    batched = torch.func.vmap(lambda t: cpp_backend.bn_relu_forward(t, w, b, 1e-5)[0])(
+        torch.stack([x, x]))
+    assert torch.equal(batched[1], bn_relu_forward_ref(x, w, b, 1e-5)[0])
+    mean, invstd = mean.detach(), invstd.detach()
+    got = cpp_backend.bn_relu_backward(gy.half(), x.half(), mean.half(), invstd.half(),
+                                       w.half(), b.half(), (True, True, True))
+    want = bn_relu_backward_ref(gy.half(), x.half(), mean.half(), invstd.half(), w.half(),
+                                b.half(), (True, True, True))
+    assert all(torch.equal(g, v) for g, v in zip(got, want))
+
+
+def test_bn_relu_rejects_bad_arguments_by_name():
+    x, w, b, gy = bn_relu_inputs((4, 6, 3, 3), torch.float64)
+    with pytest.raises(ValueError, match=r"bn_relu_forward: x must be \[N, C, \.\.\.\]"):
+        cpp_backend.bn_relu_forward(x[0, 0, 0], w, b, 1e-5)
+    with pytest.raises(ValueError, match=r"bn_relu_forward: weight is \(5,\) on cpu, expected "
+                                         r"\(6,\)"):
+        cpp_backend.bn_relu_forward(x, w[:5], b, 1e-5)
+    y, mean, invstd = cpp_backend.bn_relu_forward(x, w, b, 1e-5)
+    with pytest.raises(ValueError, match=r"bn_relu_backward: gy is \(4, 6, 3\) on cpu, expected "
+                                         r"\(4, 6, 3, 3\)"):
+        cpp_backend.bn_relu_backward(gy[..., 0], x, mean, invstd, w, b, (True, True, True))
+    with pytest.raises(ValueError, match=r"bn_relu_backward: gy, mean and invstd are required"):
+        cpp_backend.bn_relu_backward(gy, x, None, invstd, w, b, (True, True, True))
+
+
+def test_bn_relu_c_abi_codes():
+    """The raw bindings: bad dtype, NULL pointers, negative sizes, no elements per channel
+    (batch statistics need one), a negative eps; no channels is a no-op."""
+    module, _ = _ext.load()
+    x, w, b, gy = bn_relu_inputs((3, 4, 5), torch.float64)
+    y, mean, invstd = (torch.empty_like(x), torch.empty(4, dtype=torch.float64),
+                       torch.empty(4, dtype=torch.float64))
+    p = (x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
+         invstd.data_ptr())
+    fwd = module.bn_relu_forward_cpu
+    with pytest.raises(RuntimeError, match=r"\(code -1\): dtype not supported"):
+        fwd(2, *p, 3, 4, 5, 1e-5)
+    with pytest.raises(RuntimeError, match=r"\(code -3\): a required pointer is NULL"):
+        fwd(1, 0, *p[1:], 3, 4, 5, 1e-5)
+    with pytest.raises(RuntimeError, match=r"\(code -2\): bad sizes"):
+        fwd(1, *p, -3, 4, 5, 1e-5)
+    with pytest.raises(RuntimeError, match=r"\(code -2\): bad sizes"):
+        fwd(1, *p, 0, 4, 5, 1e-5)
+    with pytest.raises(RuntimeError, match=r"\(code -6\)"):
+        fwd(1, *p, 3, 4, 5, -1.0)
+    fwd(1, 0, 0, 0, 0, 0, 0, 3, 0, 5, 1e-5)  # C = 0
+    fwd(1, *p, 3, 4, 5, 1e-5)
+    y64, gx64, gw64, gb64 = bn_relu_aten64(x, w, b, gy)
+    assert flat_rel(y, y64) <= 1e-12
+    gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+    bwd = module.bn_relu_backward_cpu
+    q = (gy.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), w.data_ptr(),
+         b.data_ptr())
+    with pytest.raises(RuntimeError, match=r"\(code -3\): a required pointer is NULL"):
+        bwd(1, *q[:2], 0, *q[3:], gx.data_ptr(), 0, 0, 3, 4, 5)
+    bwd(1, *q, gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), 3, 4, 5)
+    assert flat_rel(gx, gx64) <= 1e-12 and flat_rel(gw, gw64) <= 1e-12
+    assert flat_rel(gb, gb64) <= 1e-12

@@ -601,3 +601,41 @@ def test_plain_gradients_route_only_convolutions_the_kernel_takes():
     assert "ConvFnBackward" in _graph_names(under_vmap)
     with closed_form_layers(conv_kernel=None, batch_norm=False):
         assert type(F.conv2d(x, w2, None, 2, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["references", "cpp kernels"])
+def test_batch_norm_relu_gradients_and_its_limits(kernels):
+    """batch_norm_relu: values and first derivatives equal ATen's BatchNorm + ReLU (gradcheck
+    against finite differences too), with the references and with the cpp backend's kernels;
+    a backward that builds a graph for a second derivative is refused by name, and one value
+    per channel is refused as F.batch_norm refuses it."""
+    from imaml_fast.layers import batch_norm_relu
+
+    ops = None
+    if kernels:
+        from imaml_fast.backends import resolve_backend
+        try:
+            o = resolve_backend("cpp", torch.device("cpu"), torch.float64).ops()
+        except ValueError as e:
+            pytest.skip(f"cpp backend unavailable: {e}")
+        ops = (o["bn_relu_forward"], o["bn_relu_backward"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = batch_norm_relu(x, w, b, 1e-5, ops)
+    want = F.relu(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5))
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-14)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    for got, ref in zip(torch.autograd.grad(y, (x, w, b), gy),
+                        torch.autograd.grad(want, (x, w, b), gy)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: batch_norm_relu(*t, 1e-5, ops), (x, w, b))
+    gx = None
+    with pytest.raises(RuntimeError, match=r"batch_norm_relu \(BatchNormReluFn\) has first "
+                                           r"derivatives only.*F.relu\(F.batch_norm"):
+        gx = torch.autograd.grad(batch_norm_relu(x, w, b, 1e-5, ops), x, gy,
+                                 create_graph=True)
+    assert gx is None
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        batch_norm_relu(x[:1, :, :1, :1], w, b, 1e-5, ops)

@@ -114,7 +114,8 @@ def test_the_hand_batched_path_runs_and_vmap_gives_the_same(monkeypatch):
     calls = []
     forward = stacked.StackedPlan.forward
     monkeypatch.setattr(stacked.StackedPlan, "forward",
-                        lambda self, p, xx: calls.append(xx.shape) or forward(self, p, xx))
+                        lambda self, p, xx, **kw: calls.append(xx.shape) or forward(self, p, xx,
+                                                                                    **kw))
     g_auto, l_auto = fm.grad_and_losses(phi, x, y, "vmap")
     g_chunk, _ = fm.grad_and_losses(phi, x, y, 3)  # chunks of 3 and 1 task
     assert calls == [x.shape, (3, *x.shape[1:]), (1, *x.shape[1:])]
@@ -222,7 +223,7 @@ def test_imaml_adapt_and_predict_follow_the_config(monkeypatch):
     calls = []
     forward = stacked.StackedPlan.forward
     monkeypatch.setattr(stacked.StackedPlan, "forward",
-                        lambda self, p, xx: calls.append(1) or forward(self, p, xx))
+                        lambda self, p, xx, **kw: calls.append(1) or forward(self, p, xx, **kw))
     out = {}
     for lb in ("vmap", "auto"):
         learner = IMAML(model, F.cross_entropy, IMAMLConfig(inner_steps=2, task_batching="vmap",
@@ -291,3 +292,51 @@ def test_batched_losses_equal_each_tasks_own_call():
     assert stacked.batched_loss(F.nll_loss, out, y) is None
     assert stacked.batched_loss(F.mse_loss, reg, reg_y[..., :1]) is None  # broadcasting
     assert stacked.batched_loss(F.cross_entropy, out[:, 0], y[:, 0]) is None  # [T, C]: no N
+
+
+def test_plain_gradients_fuse_batchnorm_and_relu_with_the_cpp_kernels(monkeypatch):
+    """With the cpp backend, the engine's plain gradients (layer_derivatives "plain", taken
+    once) run every BatchNorm followed by a ReLU of a hand-batched model as one layer, through
+    the backend's bn_relu kernels, and give the same gradients and losses as the model under
+    vmap (float64); gradients that build a graph for products keep the unfused layers; a
+    BatchNorm followed by another activation is left alone."""
+    from imaml_fast.backends import resolve_backend
+
+    cpp = resolve_backend("cpp", torch.device("cpu"), DT)
+    calls = {"fwd": 0, "bwd": 0}
+    ops = cpp.ops()
+    fwd, bwd = ops["bn_relu_forward"], ops["bn_relu_backward"]
+    monkeypatch.setitem(ops, "bn_relu_forward",
+                        lambda *a: calls.__setitem__("fwd", calls["fwd"] + 1) or fwd(*a))
+    monkeypatch.setitem(ops, "bn_relu_backward",
+                        lambda *a: calls.__setitem__("bwd", calls["bwd"] + 1) or bwd(*a))
+    model = nn.Sequential(*omniglot_conv(3, filters=4)[:-2], nn.Conv2d(4, 4, 1),
+                          _bn(nn.BatchNorm2d, 4), nn.ELU(), nn.Flatten(),
+                          nn.Linear(4 * 2 * 2, 3)).to(DT)
+    fm = FunctionalModel(model, F.cross_entropy)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=4)
+    phi = fm.theta + 0.05 * torch.randn(4, fm.num_params, dtype=DT)
+    with fm.layer_derivatives("closed_form", cpp):
+        g_fused, l_fused = fm.grad_and_losses(phi, x, y, "vmap")  # plain inside
+        assert calls == {"fwd": 4, "bwd": 4}  # the four conv blocks; not the ELU one
+        grads, _, _ = fm.grad_pieces(phi, x, y, "vmap", create_graph=True)
+        assert calls == {"fwd": 4, "bwd": 4}  # a graph for products: unfused
+    with fm.engine_mode(IMAMLConfig(layer_batching="vmap")):
+        g_vmap, l_vmap = fm.grad_and_losses(phi, x, y, "vmap")
+    torch.testing.assert_close(g_fused, g_vmap, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(grads[0].detach(), g_vmap, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(l_fused, l_vmap, rtol=1e-12, atol=0)
+
+
+def test_meta_gradient_is_the_same_with_and_without_the_fused_layer(monkeypatch):
+    """The cpp backend's meta-gradient (inner loop through the fused BatchNorm + ReLU) equals
+    the torch backend's (ATen's layers throughout), float64."""
+    model = omniglot_conv(3, filters=4).to(DT)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3)
+    xq, yq = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3, seed=1)
+    base = IMAMLConfig(inner_steps=4, cg_steps=3, task_batching="vmap")
+    a = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base.replace(backend="cpp"))
+    b = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base.replace(backend="torch"))
+    assert a.backend == "cpp" and b.backend == "torch"
+    torch.testing.assert_close(a.grads_flat, b.grads_flat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.adapted_flat, b.adapted_flat, rtol=1e-10, atol=1e-12)

@@ -221,4 +221,31 @@ PYBIND11_MODULE(_C, m) {
         py::arg("C"), py::arg("O"), py::arg("H"), py::arg("W"), py::arg("Ho"), py::arg("Wo"),
         py::arg("KH"), py::arg("KW"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"),
         py::arg("dh"), py::arg("dw"));
+
+  // ---- bn_relu (CPU only)
+  m.def("bn_relu_forward_cpu",
+        [](int dtype, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias,
+           std::uintptr_t y, std::uintptr_t mean, std::uintptr_t invstd, int64_t N, int64_t C,
+           int64_t S, double eps) {
+          call("bn_relu_forward_cpu", [&] {
+            return bn_relu_forward_cpu(dtype, ptr(x), ptr(weight), ptr(bias), ptr(y), ptr(mean),
+                                       ptr(invstd), N, C, S, eps);
+          });
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
+        py::arg("mean"), py::arg("invstd"), py::arg("N"), py::arg("C"), py::arg("S"),
+        py::arg("eps"));
+  m.def("bn_relu_backward_cpu",
+        [](int dtype, std::uintptr_t gy, std::uintptr_t x, std::uintptr_t mean,
+           std::uintptr_t invstd, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t gx,
+           std::uintptr_t gw, std::uintptr_t gb, int64_t N, int64_t C, int64_t S) {
+          call("bn_relu_backward_cpu", [&] {
+            return bn_relu_backward_cpu(dtype, ptr(gy), ptr(x), ptr(mean), ptr(invstd),
+                                        ptr(weight), ptr(bias), ptr(gx), ptr(gw), ptr(gb), N, C,
+                                        S);
+          });
+        },
+        py::arg("dtype"), py::arg("gy"), py::arg("x"), py::arg("mean"), py::arg("invstd"),
+        py::arg("weight"), py::arg("bias"), py::arg("gx"), py::arg("gw"), py::arg("gb"),
+        py::arg("N"), py::arg("C"), py::arg("S"));
 }

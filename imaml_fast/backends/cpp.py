@@ -10,6 +10,10 @@ Ops (what `load_ops()` returns; every tensor contiguous, [T, P] row-major):
                                                          BatchNorm's double backward, x [N, C, ...]
     conv_input_grad(gy, x, weight, stride, padding, dilation, groups) -> gx
                                                          a convolution's input gradient (CPU only)
+    bn_relu_forward(x, weight, bias, eps) -> (y, mean, invstd)
+    bn_relu_backward(gy, x, mean, invstd, weight, bias, output_mask) -> (gx, gweight, gbias)
+                                                         BatchNorm then ReLU as one layer, first
+                                                         derivatives (CPU only)
 
 `cg_update` runs the two-pass fused formulation written out in csrc/src/cg_scalars.h; its
 pure-PyTorch twin is `cg_update_fused_ref` below (tests compare the kernels with it to 1e-12
@@ -20,7 +24,10 @@ kernels take float32/float64, and the wrapper hands other dtypes (and inputs tha
 or have no elements) to that reference. conv_input_grad's is imaml_fast.layers.
 conv_input_grad_ref (ATen's convolution_backward); its kernel (conv2d_input_grad below) runs
 only where it measured faster than ATen's, strided 2-D convolutions with two or more groups (the
-engine's per-task convolutions), and the reference everywhere else.
+engine's per-task convolutions), and the reference everywhere else. bn_relu_forward's and
+bn_relu_backward's are imaml_fast.layers.bn_relu_forward_ref / bn_relu_backward_ref; the
+kernels (csrc/src/cpu/bn_relu.cpp) take float32/float64 and the wrappers hand anything else
+to those.
 
 This module is imported with imaml_fast; it never imports imaml_fast._C or touches CUDA at
 import time. The shared wrapper code here (argument checks, calls into _C) also serves the
@@ -63,7 +70,8 @@ def load_ops() -> Dict[str, object]:
     _module()
     return {"cg_update": cg_update, "prox_update": prox_update, "batched_dot": batched_dot,
             "dense_cg": dense_cg, "bn_double_backward": bn_double_backward,
-            "conv_input_grad": conv_input_grad}
+            "conv_input_grad": conv_input_grad, "bn_relu_forward": bn_relu_forward,
+            "bn_relu_backward": bn_relu_backward}
 
 
 def _threads() -> None:
@@ -186,6 +194,81 @@ def conv2d_input_grad(gy, x, weight, stride, padding, dilation, groups):
                                  gx.data_ptr(), N, G, C, GO // G, H, W, Ho, Wo, KH, KW, sh, sw,
                                  ph, pw, dh, dw)
     return gx
+
+
+def _bn_relu_checked(op, x, named):
+    """Shared argument checks of the bn_relu wrappers: x [N, C, ...] on the CPU, the others
+    (name, tensor or None, expected shape) on x's device with that shape."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be [N, C, ...] (batch, channels, spatial...), got {got}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: x is on {x.device}; this kernel runs on cpu tensors")
+    for name, t, shape in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor or None, got "
+                             f"{type(t).__name__}")
+        if tuple(t.shape) != shape or t.device != x.device:
+            raise ValueError(f"{op}: {name} is {tuple(t.shape)} on {t.device}, expected {shape} "
+                             f"on {x.device}")
+
+
+def bn_relu_forward(x, weight, bias, eps):
+    """relu(batch_norm(x)) with batch statistics and its (mean, invstd): the C++ kernel on
+    float32/float64 tensors it can take, imaml_fast.layers.bn_relu_forward_ref otherwise
+    (other dtypes, mixed dtypes, no elements, inputs that need autograd, torch.func wrappers).
+    Returns (y, mean [C], invstd [C])."""
+    from ..layers import bn_relu_forward_ref, kernel_can_take
+
+    C = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+    _bn_relu_checked("bn_relu_forward", x, [("weight", weight, (C,)), ("bias", bias, (C,))])
+    tensors = [x] + [t for t in (weight, bias) if t is not None]
+    if not kernel_can_take(tensors, CPU_DTYPES) or not math.isfinite(eps) or eps < 0:
+        return bn_relu_forward_ref(x, weight, bias, eps)
+    _threads()
+    x, weight, bias = (None if t is None else t.contiguous() for t in (x, weight, bias))
+    y = torch.empty_like(x)
+    mean = torch.empty(C, dtype=x.dtype)
+    invstd = torch.empty(C, dtype=x.dtype)
+    _module().bn_relu_forward_cpu(_ext.DTYPE_CODES[x.dtype], x.data_ptr(), _ptr(weight),
+                                  _ptr(bias), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+                                  x.shape[0], C, math.prod(x.shape[2:]), float(eps))
+    return y, mean, invstd
+
+
+def bn_relu_backward(gy, x, mean, invstd, weight, bias, output_mask):
+    """The gradients (gx, gweight, gbias) of bn_relu_forward's y, each None where output_mask
+    says so (or its parameter is None): the C++ kernel where it can take the tensors,
+    imaml_fast.layers.bn_relu_backward_ref otherwise."""
+    from ..layers import bn_relu_backward_ref, kernel_can_take
+
+    C = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+    _bn_relu_checked("bn_relu_backward", x, [
+        ("gy", gy, shape), ("mean", mean, (C,)), ("invstd", invstd, (C,)),
+        ("weight", weight, (C,)), ("bias", bias, (C,))])
+    if gy is None or mean is None or invstd is None:
+        raise ValueError("bn_relu_backward: gy, mean and invstd are required")
+    tensors = [x, gy, mean, invstd] + [t for t in (weight, bias) if t is not None]
+    if not kernel_can_take(tensors, CPU_DTYPES):
+        return bn_relu_backward_ref(gy, x, mean, invstd, weight, bias, output_mask)
+    _threads()
+    gy, x, mean, invstd, weight, bias = (None if t is None else t.contiguous()
+                                         for t in (gy, x, mean, invstd, weight, bias))
+    gx = torch.empty_like(x) if output_mask[0] else None
+    gw = torch.empty(C, dtype=x.dtype) if output_mask[1] and weight is not None else None
+    gb = torch.empty(C, dtype=x.dtype) if output_mask[2] and bias is not None else None
+    _module().bn_relu_backward_cpu(_ext.DTYPE_CODES[x.dtype], gy.data_ptr(), x.data_ptr(),
+                                   mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(bias),
+                                   _ptr(gx), _ptr(gw), _ptr(gb), x.shape[0], C,
+                                   math.prod(x.shape[2:]))
+    return gx, gw, gb
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
 
 
 # ---- pure-PyTorch references ----------------------------------------------------------------------

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IMAML_FAST_ABI_VERSION 2
+#define IMAML_FAST_ABI_VERSION 3
 
 /* dtype codes */
 #define IMF_FLOAT32 0
@@ -146,6 +146,24 @@ int conv2d_input_grad_cpu(int dtype, const void* gy, const void* w, void* gx, in
                           int64_t G, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Ho,
                           int64_t Wo, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw, int64_t dh, int64_t dw);
+
+/* ---- bn_relu: BatchNorm with batch statistics, then ReLU, as one layer (CPU only) ----
+ * x, y, gy, gx: contiguous [N, C, S] (S: the spatial elements, 1 for [N, C]); weight, bias:
+ * [C] or NULL (1 and 0); mean, invstd: [C].
+ * forward:  mean_c, invstd_c = 1/sqrt(var_c + eps) (biased variance over the N*S elements of
+ *           channel c), y = max(0, (x - mean) invstd w + b); writes y, mean, invstd.
+ * backward: with z = (x - mean) invstd w + b and g = gy where z > 0, else 0 (the forward's
+ *           mask, recomputed from x): gb = sum g, gw = sum g xh, gx = w invstd (g - <g> -
+ *           xh <g xh>), xh = (x - mean) invstd, <.> the channel's mean; gx, gw, gb may each be
+ *           NULL (not computed).
+ * Channels spread over the threads (each on one thread: bit-identical for any thread
+ * count), the channel's elements kept in cache between passes (csrc/src/cpu/bn_relu.cpp).
+ * N * S must be positive (IMF_ERR_SIZE). float32/float64 (IMF_ERR_DTYPE otherwise). */
+int bn_relu_forward_cpu(int dtype, const void* x, const void* weight, const void* bias, void* y,
+                        void* mean, void* invstd, int64_t N, int64_t C, int64_t S, double eps);
+int bn_relu_backward_cpu(int dtype, const void* gy, const void* x, const void* mean,
+                         const void* invstd, const void* weight, const void* bias, void* gx,
+                         void* gw, void* gb, int64_t N, int64_t C, int64_t S);
 
 #ifdef __cplusplus
 } /* extern "C" */
