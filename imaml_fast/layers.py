@@ -35,6 +35,12 @@ A backend may also supply `conv_input_grad` (the cpp backend's C++ kernel for st
 products' input term then use it, and the engine's plain gradients route convolutions through
 ConvFn for it (FunctionalModel.layer_derivatives "plain").
 
+`batch_norm_relu` (BatchNormReluFn) is BatchNorm followed by ReLU as one layer with first
+derivatives only, for gradients taken once: the hand-batched layers (imaml_fast.stacked) run
+it in the engine's plain gradients with a backend's bn_relu_forward/bn_relu_backward kernels
+(the cpp backend's, csrc/src/cpu/bn_relu.cpp; references: bn_relu_forward_ref,
+bn_relu_backward_ref).
+
 `closed_form_layers()` is the TorchFunctionMode that routes F.conv1d/2d/3d (numeric padding)
 and F.batch_norm with batch statistics to these Functions; anything else (running
 statistics, padding="same", mixed dtypes other than a bf16/fp16 activation with fp32
