@@ -201,6 +201,7 @@ def main(argv=None):
             print(f"{n}-way, {threads} thread(s): {blocks[-1]['per_pass_ms']}", flush=True)
     meta = run_meta("benchmarks/conv_rates.py", {"tasks": T, "repeats": args.repeats,
                                                   "malloc": args.malloc})
+    meta["threads"] = ", ".join(map(str, args.threads))  # one block per thread count
     md = markdown(meta, blocks)
     print(md)
     if args.json:
