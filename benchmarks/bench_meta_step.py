@@ -64,6 +64,7 @@ def time_it(fn, repeats, device):
 
 
 ATEN_IGRAD = "ATen convolution input gradient"
+ATEN_BN_RELU = "ATen BatchNorm + ReLU"
 
 
 def _variant(settings: dict, name: str, cfg):
@@ -72,6 +73,11 @@ def _variant(settings: dict, name: str, cfg):
     if name.endswith(ATEN_IGRAD):  # this process's cpp backend without its conv_input_grad
         from imaml_fast.backends import resolve_backend
         resolve_backend("cpp", torch.device("cpu"), torch.float32).ops().pop("conv_input_grad")
+    if name.endswith(ATEN_BN_RELU):  # ... without its fused BatchNorm + ReLU
+        from imaml_fast.backends import resolve_backend
+        ops = resolve_backend("cpp", torch.device("cpu"), torch.float32).ops()
+        ops.pop("bn_relu_forward")
+        ops.pop("bn_relu_backward")
     torch.manual_seed(0)
     model = omniglot_conv(settings["n_way"]).to(settings["device"])
     ep = episode(settings["tasks"], settings["n_way"], settings["shots"], settings["queries"],
@@ -146,6 +152,9 @@ def main(argv=None):
             if info["name"] == "cpp":
                 # its convolution input-gradient kernel against ATen's, all tasks in one call
                 variants.append((f"default, vmap all tasks, {ATEN_IGRAD}",
+                                 base.replace(backend="cpp", task_batching="vmap")))
+                # and its BatchNorm + ReLU layer against ATen's two
+                variants.append((f"default, vmap all tasks, {ATEN_BN_RELU}",
                                  base.replace(backend="cpp", task_batching="vmap")))
     if args.amp != "none":
         variants.append((f"default, amp={args.amp}", base.replace(amp=args.amp)))

@@ -100,9 +100,29 @@ def _ops(backend):
         pytest.skip(str(e))
 
 
+def _bn_relu_step(ops):
+    """BatchNorm + ReLU forward then backward (gradients of x, weight, bias): the backend's
+    fused bn_relu ops where it has them, ATen's two layers otherwise."""
+    if "bn_relu_forward" in ops:
+        fwd, bwd = ops["bn_relu_forward"], ops["bn_relu_backward"]
+
+        def fused(x, w, b, gy):
+            y, mean, invstd = fwd(x, w, b, 1e-5)
+            return bwd(gy, x, mean, invstd, w, b, (True, True, True))
+        return fused
+
+    def aten(x, w, b, gy):
+        y, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+        out = torch.relu(y)
+        g = torch.ops.aten.threshold_backward(gy, out, 0)
+        return torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd,
+                                                         True, 1e-5, [True, True, True])
+    return aten
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("op", ["prox_update", "cg_update", "batched_dot", "dense_cg",
-                                "bn_double_backward", "conv_input_grad"])
+                                "bn_double_backward", "conv_input_grad", "bn_relu"])
 def test_op_per_backend(benchmark, backend, op):
     """Each fused op of the batched engine, torch (the PyTorch reference ops) against cpp
     (the C++ CPU twins of the CUDA kernels), on the shapes a meta-step gives it: [T, P] with
@@ -110,13 +130,17 @@ def test_op_per_backend(benchmark, backend, op):
     5-iteration dense CG, the network's first BatchNorm under vmap ([5, 32 * 64, 14, 14]) for
     BatchNorm's second derivative, its second convolution with the tasks as groups (input
     [5, 32 * 64, 14, 14], stride 2) for the convolution input gradient (the torch backend has
-    no such op: ATen's convolution_backward, the reference, runs there). Compare within each
+    no such op: ATen's convolution_backward, the reference, runs there), and for BatchNorm +
+    ReLU as one layer (forward then backward) the first BatchNorm again (on torch: ATen's
+    BatchNorm and ReLU and their backward, what the torch backend runs). Compare within each
     group: the kernel backend should be no slower."""
     from imaml_fast.cg import CG_MAX_ITER
     from imaml_fast.layers import conv_input_grad_ref
 
     benchmark.group = f"op {op}"
     fn = _ops(backend).get(op, conv_input_grad_ref if op == "conv_input_grad" else None)
+    if op == "bn_relu":
+        fn = _bn_relu_step(_ops(backend))
     P = 113_221
     if op == "prox_update":
         phi, g, theta = torch.randn(T, P), torch.randn(T, P), torch.randn(P)
@@ -135,6 +159,9 @@ def test_op_per_backend(benchmark, backend, op):
         w, b, c = (torch.randn(C) for _ in range(3))
         _, mean, invstd = torch.native_batch_norm(x, w, None, None, None, True, 0.0, 1e-5)
         args = (a, b, c, gy, x, mean, invstd, w)
+    elif op == "bn_relu":
+        shape, C = (5, T * 64, 14, 14), T * 64
+        args = (torch.randn(shape), torch.randn(C), torch.randn(C), torch.randn(shape))
     elif op == "conv_input_grad":
         x, w = torch.randn(5, T * 64, 14, 14), torch.randn(T * 64, 64, 3, 3)
         args = (torch.randn(5, T * 64, 7, 7), x, w, [2, 2], [1, 1], [1, 1], T)
