@@ -328,13 +328,15 @@ def test_plain_gradients_fuse_batchnorm_and_relu_with_the_cpp_kernels(monkeypatc
     torch.testing.assert_close(l_fused, l_vmap, rtol=1e-12, atol=0)
 
 
-def test_meta_gradient_is_the_same_with_and_without_the_fused_layer(monkeypatch):
+@pytest.mark.parametrize("batching", ["vmap", 2])
+def test_meta_gradient_is_the_same_with_and_without_the_fused_layer(batching):
     """The cpp backend's meta-gradient (inner loop through the fused BatchNorm + ReLU) equals
-    the torch backend's (ATen's layers throughout), float64."""
+    the torch backend's (ATen's layers throughout), float64, all tasks in one call and in
+    chunks of 2."""
     model = omniglot_conv(3, filters=4).to(DT)
     x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3)
     xq, yq = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3, seed=1)
-    base = IMAMLConfig(inner_steps=4, cg_steps=3, task_batching="vmap")
+    base = IMAMLConfig(inner_steps=4, cg_steps=3, task_batching=batching)
     a = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base.replace(backend="cpp"))
     b = meta_gradient(model, F.cross_entropy, x, y, xq, yq, base.replace(backend="torch"))
     assert a.backend == "cpp" and b.backend == "torch"
