@@ -184,7 +184,6 @@ class StackedPlan:
             h = h.reshape(N, T, -1, *h.shape[2:]).transpose(0, 1)
         return h
 
-
     def _relu_follows(self, k: int) -> bool:
         """Whether step k + 1 is a plain nn.ReLU (what batch_norm_relu fuses)."""
         return (k + 1 < len(self.steps) and self.steps[k + 1].kind == "apply"
