@@ -213,13 +213,23 @@ class FunctionalModel:
         return torch.cat([t.reshape(*lead, -1) for t in pieces], dim=-1)
 
     def leaves(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """One autograd leaf per parameter tensor, viewing flat's storage.
+        """One autograd leaf per parameter tensor: a contiguous copy of its part of flat.
 
         Gradients are taken with respect to these, never with respect to a flat leaf sliced
         into views: the backward of each slice writes a zero-filled tensor the size of the
         whole flat buffer and adds it up, which for the paper's Omniglot network (18
-        parameter tensors, T = 32) made a quarter of a meta-step zero-filling memory."""
-        return tuple(t.detach().requires_grad_(True) for t in self.split(flat))
+        parameter tensors, T = 32) made a quarter of a meta-step zero-filling memory.
+        Copies, not views of flat: a [t, P] buffer's per-parameter views are strided, and
+        every layer would copy its weights out of them anyway (a convolution's weight, a
+        BatchNorm's reshape(-1)), one operation each per pass; one split_with_sizes_copy
+        makes all of them at once."""
+        if flat.shape[-1] != self.num_params:
+            raise ValueError(f"expected [..., {self.num_params}] (the model's parameter count), "
+                             f"got {tuple(flat.shape)}")
+        lead = flat.shape[:-1]
+        pieces = torch.split_with_sizes_copy(flat.detach(), self.numels, dim=-1)
+        return tuple(t.view(*lead, *s).requires_grad_(True)
+                     for t, s in zip(pieces, self.shapes))
 
     def forward_params(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Model output for one task's parameters (a tuple in parameter order) on x [N, ...]."""

@@ -65,3 +65,24 @@ def test_mixed_dtypes_are_refused():
 def test_model_without_parameters_is_refused():
     with pytest.raises(ValueError, match="no parameters"):
         FunctionalModel(nn.ReLU(), F.mse_loss)
+
+
+def test_leaves_are_contiguous_copies_of_each_parameters_part():
+    """FunctionalModel.leaves: one contiguous, grad-requiring copy per parameter tensor (one
+    split_with_sizes_copy), equal to flat's parts, not sharing its storage (a later change
+    of flat does not reach them), [t, *shape] for a [t, P] span and [*shape] for [P]."""
+    from imaml_fast.models import omniglot_conv
+
+    fm = FunctionalModel(omniglot_conv(3, filters=4).double(), F.cross_entropy)
+    flat = torch.randn(3, fm.num_params, dtype=torch.float64)
+    leaves = fm.leaves(flat[1:])
+    for leaf, part, shape in zip(leaves, fm.split(flat[1:]), fm.shapes):
+        assert leaf.is_contiguous() and leaf.requires_grad and leaf.is_leaf
+        assert leaf.shape == (2, *shape) and torch.equal(leaf, part)
+    before = [t.detach().clone() for t in leaves]
+    flat.add_(1.0)
+    assert all(torch.equal(t, b) for t, b in zip(leaves, before))
+    one = fm.leaves(flat[0])
+    assert [t.shape for t in one] == [torch.Size(s) for s in fm.shapes]
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., \d+\] \(the model's parameter count\)"):
+        fm.leaves(flat[:, :-1])
