@@ -113,11 +113,18 @@ def package_version(name: str) -> Optional[str]:
 
 
 def git_revision() -> Optional[str]:
+    """The checkout's commit, with "-dirty" when tracked files other than results differ from
+    it (a figure made from uncommitted code says so)."""
     try:
         root = os.path.dirname(RESULTS_DIR)
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        rev = out.stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=root, capture_output=True, text=True, timeout=10)
+        changed = [line[3:] for line in status.stdout.splitlines()
+                   if not line[3:].startswith("benchmarks/results/")]
+        return f"{rev}-dirty" if rev and changed else rev
     except Exception:
         return None
 
