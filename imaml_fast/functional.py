@@ -200,12 +200,17 @@ class FunctionalModel:
     def split(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """[..., P] -> tuple of [..., *shape] views, in parameter order (no copy). One
         split_with_sizes call, not one slice per parameter: every pass makes a split."""
+        return self._parts(flat, torch.split)
+
+    def _parts(self, flat: torch.Tensor, split_fn) -> Tuple[torch.Tensor, ...]:
+        """flat [..., P] cut by split_fn(flat, numels, dim=-1) (torch.split: views;
+        torch.split_with_sizes_copy: contiguous copies), each part viewed as [..., *shape]."""
         if flat.shape[-1] != self.num_params:
             raise ValueError(f"expected [..., {self.num_params}] (the model's parameter count), "
                              f"got {tuple(flat.shape)}")
         lead = flat.shape[:-1]
         return tuple(t.view(*lead, *s)
-                     for t, s in zip(flat.split(self.numels, dim=-1), self.shapes))
+                     for t, s in zip(split_fn(flat, self.numels, dim=-1), self.shapes))
 
     def join(self, pieces: Sequence[torch.Tensor], lead: Tuple[int, ...] = ()) -> torch.Tensor:
         """Per-parameter tensors [*lead, *shape] -> flat [*lead, P]: the inverse of split,
@@ -223,13 +228,8 @@ class FunctionalModel:
         every layer would copy its weights out of them anyway (a convolution's weight, a
         BatchNorm's reshape(-1)), one operation each per pass; one split_with_sizes_copy
         makes all of them at once."""
-        if flat.shape[-1] != self.num_params:
-            raise ValueError(f"expected [..., {self.num_params}] (the model's parameter count), "
-                             f"got {tuple(flat.shape)}")
-        lead = flat.shape[:-1]
-        pieces = torch.split_with_sizes_copy(flat.detach(), self.numels, dim=-1)
-        return tuple(t.view(*lead, *s).requires_grad_(True)
-                     for t, s in zip(pieces, self.shapes))
+        return tuple(t.requires_grad_(True)
+                     for t in self._parts(flat.detach(), torch.split_with_sizes_copy))
 
     def forward_params(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Model output for one task's parameters (a tuple in parameter order) on x [N, ...]."""

@@ -127,6 +127,12 @@ def batch_norm_double_backward(a, b, c, gy, x, mean, invstd, weight, eps=None):
 _functorch = getattr(torch._C, "_functorch", None)
 
 
+def functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether t is a torch.func wrapper (vmap's BatchedTensor, a grad-tracking tensor) rather
+    than a plain tensor."""
+    return _functorch is not None and _functorch.is_functorch_wrapped_tensor(t)
+
+
 def kernel_can_take(tensors, dtypes) -> bool:
     """Whether a backend's bn_double_backward kernel can take these tensors (x first): all of
     one dtype among `dtypes`, at least one element, none needing autograd (grad mode off or
@@ -138,7 +144,7 @@ def kernel_can_take(tensors, dtypes) -> bool:
     if (x.dtype not in dtypes or any(t.dtype != x.dtype for t in tensors) or x.numel() == 0
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
         return False
-    return _functorch is None or not any(_functorch.is_functorch_wrapped_tensor(t)
+    return _functorch is None or not any(functorch_wrapped(t)
                                          or _functorch.is_legacy_batchedtensor(t)
                                          for t in tensors)
 
@@ -567,7 +573,7 @@ class closed_form_layers(TorchFunctionMode):
         the tasks into groups) it may; a plain call is asked about as it is."""
         if self.conv_kernel is None:
             return False
-        if _functorch is not None and _functorch.is_functorch_wrapped_tensor(x):
+        if functorch_wrapped(x):
             return True
         stride = _conv_args(w.dim() - 2, a.get("stride", 1), 0, 1)[0]
         return _kernel_applies(self.conv_kernel, x, w, stride, a.get("groups", 1))

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from .layers import batch_norm_relu
+from .layers import batch_norm_relu, functorch_wrapped
 
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -161,7 +161,8 @@ class StackedPlan:
             elif s.kind == "bn":
                 w = None if w is None else w.reshape(-1)
                 b = None if b is None else b.reshape(-1)
-                if spatial and bn_relu is not None and self._relu_follows(k) and _plain(h):
+                if (spatial and bn_relu is not None and self._relu_follows(k)
+                        and not functorch_wrapped(h)):  # it has no vmap/forward-mode rule
                     h = batch_norm_relu(h, w, b, m.eps, bn_relu)
                     skip_next = True
                 elif spatial:
@@ -188,12 +189,6 @@ class StackedPlan:
         """Whether step k + 1 is a plain nn.ReLU (what batch_norm_relu fuses)."""
         return (k + 1 < len(self.steps) and self.steps[k + 1].kind == "apply"
                 and type(self.steps[k + 1].module) is nn.ReLU)
-
-
-def _plain(t: torch.Tensor) -> bool:
-    """Not a torch.func wrapper: the fused layer defines no vmap or forward-mode rule."""
-    f = getattr(torch._C, "_functorch", None)
-    return f is None or not f.is_functorch_wrapped_tensor(t)
 
 
 def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPlan]:

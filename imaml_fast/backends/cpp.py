@@ -589,9 +589,7 @@ def _bn_double_backward(kind, a, b, c, gy, x, mean, invstd, weight, eps=None):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = None if weight is None else torch.empty(C, dtype=x.dtype, device=x.device)
 
-    def p(t):
-        return 0 if t is None else t.data_ptr()
-
+    p = _ptr
     args = (_ext.DTYPE_CODES[x.dtype], p(a), p(b), p(c), p(gy), p(x), p(mean), p(invstd),
             p(weight), p(dgy), p(dx), p(dw), N, C, S)
     with _Launch(kind, x.device) as launch:
