@@ -5,10 +5,10 @@
 # took about 5 minutes; the peers comparison and the memory figure add about 4. On one H200
 # "tests memory compare20 precision dense" took 5.5 minutes (build 26 s, tests 37 s, memory
 # 113 s, compare20 110 s, precision 11 s, dense 31 s) and "tf32 train" with 3 training
-# minutes 6.3: more than one 10-minute call in all. Split it: GPU_CHECK_ONLY="tests meta"
-# (about 5 minutes: the meta step has 17 variants since the hand-batched layers' A/B), then
-# GPU_CHECK_ONLY="compare memory" (about 5), then GPU_CHECK_ONLY="triton compare20 cg kernels
-# precision dense profile" (about 4). Every step has its
+# minutes 6.3: more than one 10-minute call in all. Split it: GPU_CHECK_ONLY="tests compare meta"
+# (about 8 minutes: the peers comparison, then the meta step's 17 variants), then
+# GPU_CHECK_ONLY="memory triton compare20 cg kernels
+# precision dense profile" (about 6). Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
 # leaves what it finished.
 #
@@ -66,14 +66,6 @@ timeout 90 $PY -m pytest -q -m "not gpu" tests/test_kernels_triton.py 2>&1 | tee
   || fail "Triton tests on the GPU"; pack
 fi
 
-if want meta; then
-log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
-# 17 variants, each in a process of its own (10 took 143 s on an H100)
-timeout 360 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
-  --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
-  || fail "bench_meta_step"; pack
-fi
-
 if want compare; then
 log "imaml_fast against the reference and the installed peers (Omniglot 5-way 1-shot)"
 timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --repeats 3 \
@@ -81,6 +73,14 @@ timeout 240 $PY benchmarks/compare.py --device cuda --settings omniglot-5w1s --r
   "TorchOpt normal_cg" "betty cg" \
   --out "$RESULTS" 2>&1 | grep -v "\[INFO\]" | tee "$RESULTS/compare_speed.txt" \
   || fail "compare.py"; pack
+fi
+
+if want meta; then
+log "meta-step per backend (Omniglot 5-way 1-shot, T=32, K=16, 5 CG steps), CUDA graphs and bf16 too"
+# 17 variants, each in a process of its own (10 took 143 s on an H100)
+timeout 360 $PY benchmarks/bench_meta_step.py --device cuda --repeats 5 --amp bf16 \
+  --json "$RESULTS/bench_meta_step.json" 2>&1 | tee "$RESULTS/bench_meta_step.txt" \
+  || fail "bench_meta_step"; pack
 fi
 
 if named tf32; then  # a diagnostic, only when asked for by name

@@ -342,3 +342,60 @@ def test_meta_gradient_is_the_same_with_and_without_the_fused_layer(batching):
     assert a.backend == "cpp" and b.backend == "torch"
     torch.testing.assert_close(a.grads_flat, b.grads_flat, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(a.adapted_flat, b.adapted_flat, rtol=1e-10, atol=1e-12)
+
+
+def _passes(fm, phi, x, y, v):
+    """Outputs, losses, gradients and revrev products of one batched call, as the engine
+    runs it."""
+    g, losses = fm.grad_and_losses(phi, x, y)
+    return fm.outputs(phi, x), losses, g, BatchedHVP(fm, phi, x, y, "revrev")(v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", _models(), ids=lambda c: c[0])
+def test_on_a_gpu_hand_batched_passes_equal_the_cpus_and_vmaps(case):
+    """On CUDA the hand-batched layers run cuDNN's grouped convolutions and the GPU pooling
+    and BatchNorm kernels: their outputs, losses, gradients and products equal the CPU's and
+    those of the model under vmap on the GPU (float64)."""
+    _, model, shape, loss, target = case
+    model = model.to(DT)
+    torch.manual_seed(2)
+    x, y = _episode(model, shape, loss, target)
+    fm = FunctionalModel(model, loss)
+    phi = fm.theta + 0.1 * torch.randn(x.shape[0], fm.num_params, dtype=DT)
+    v = torch.randn(phi.shape, dtype=DT)
+    want = _passes(fm, phi, x, y, v)
+    gm = FunctionalModel(model.cuda(), loss)
+    xc, yc, phic, vc = (t.cuda() for t in (x, y, phi, v))
+    assert gm.hand_batched(xc)
+    got = _passes(gm, phic, xc, yc, vc)
+    with gm.engine_mode(IMAMLConfig(layer_batching="vmap")):
+        assert not gm.hand_batched(xc)
+        under_vmap = _passes(gm, phic, xc, yc, vc)
+    for a, b, c in zip(got, want, under_vmap):
+        assert a.is_cuda and c.is_cuda
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_on_a_gpu_meta_gradient_is_the_same_with_either_layer_batching(backend):
+    from imaml_fast import backend_info
+
+    if not {b["name"]: b["available"] for b in backend_info("cuda", DT)}[backend]:
+        pytest.skip(f"backend {backend} cannot run here")
+    model = omniglot_conv(3, filters=4).to(DT)
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3)
+    xq, yq = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3, seed=1)
+    ep = [t.cuda() for t in (x, y, xq, yq)]
+    model = model.cuda()
+    base = IMAMLConfig(inner_solver="gd_armijo", inner_steps=3, cg_steps=3, cg_damping=1.0,
+                       task_batching="vmap", backend=backend)
+    a = meta_gradient(model, F.cross_entropy, *ep, base)
+    b = meta_gradient(model, F.cross_entropy, *ep, base.replace(layer_batching="vmap"))
+    assert a.backend == backend and a.grads_flat.is_cuda
+    torch.testing.assert_close(a.grads_flat, b.grads_flat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.adapted_flat, b.adapted_flat, rtol=1e-10, atol=1e-12)
