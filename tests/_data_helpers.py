@@ -1,6 +1,7 @@
 """Shared by the data tests: where the real Omniglot copy is, the one decode of it per test
 session, and tiny data sets written on the fly."""
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -9,8 +10,11 @@ from PIL import Image
 
 from imaml_fast.data import load_omniglot
 
-# The project's convention: the real data lives at ../shared/data/omniglot from the repo root.
-REAL_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared/data/omniglot"
+# The project's convention: the real data lives at ../shared/data/omniglot from the repo root;
+# OMNIGLOT_ROOT names another folder (a copy of the repository on a machine without that one,
+# as benchmarks/gpu_check.sh's OMNIGLOT_ROOT does for its training step).
+REAL_OMNIGLOT = Path(os.environ.get("OMNIGLOT_ROOT")
+                     or Path(__file__).resolve().parents[1].parent / "shared/data/omniglot")
 _REAL = {}
 
 

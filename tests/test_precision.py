@@ -107,7 +107,13 @@ def test_on_a_gpu_the_default_float32_meta_gradient_stays_near_float64(cuda_grap
                                                                         restore_global_flags):
     """With torch's global TF32 flags on, the default config still runs full float32
     convolutions: on an H200 the Omniglot network's meta-gradient (T = 8, 16 inner steps,
-    lr 0.03) was 7.8e-7 from float64 so, and 0.12 with TF32."""
+    lr 0.03) was 7.8e-7 from float64 so, and 0.12 with TF32.
+
+    Per task, the median: a task whose adapted point lies within float32 rounding of a ReLU
+    kink has a Hessian that jumps there (task 4 of this episode: moving its float64 point by
+    1e-7 relative changes the Hessian-vector product by 2.7%), so its float32 meta-gradient
+    may differ by 4e-3 from float64 on any path, and which paths round across the kink is
+    chance. TF32 moves every task (0.12 overall)."""
     from imaml_fast.models import omniglot_conv
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -120,6 +126,7 @@ def test_on_a_gpu_the_default_float32_meta_gradient_stays_near_float64(cuda_grap
     exact = meta_gradient(model.double(), F.cross_entropy, xs.double(), ys, xq.double(), yq, cfg)
     model.float()
     r = IMAML(model, F.cross_entropy, cfg, cuda_graphs=cuda_graphs).meta_gradient(xs, ys, xq, yq)
-    err = (r.grads_flat.double() - exact.grads_flat).norm() / exact.grads_flat.norm()
-    assert err < 1e-4, err
+    per_task = ((r.task_grads_flat.double() - exact.task_grads_flat).norm(dim=1)
+                / exact.task_grads_flat.norm(dim=1))
+    assert per_task.median() < 1e-5, per_task
     assert flags() == (True, True)
