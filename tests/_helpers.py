@@ -1,10 +1,23 @@
 """Small models, episodes and independent exact computations shared by the tests."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 DT = torch.float64
+
+# The batched backends a CUDA GPU can run; the tests parametrised over them on a GPU call
+# require_cuda_backend first.
+CUDA_BACKENDS = ["torch", "cuda", "triton"]
+
+
+def require_cuda_backend(backend: str, dtype=DT) -> None:
+    """Skips the calling test unless `backend` runs on this machine's CUDA GPU for dtype."""
+    from imaml_fast import backend_info
+
+    if not {b["name"]: b["available"] for b in backend_info("cuda", dtype)}[backend]:
+        pytest.skip(f"backend {backend} cannot run here")
 
 
 def mlp(d_in=3, hidden=5, d_out=2):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _helpers import CUDA_BACKENDS, require_cuda_backend
 from imaml_fast import IMAMLConfig, meta_gradient
 from imaml_fast.layers import (BatchNormFn, batch_norm, batch_norm_double_backward,
                                closed_form_layers)
@@ -377,13 +378,10 @@ def test_backend_kernel_runs_products_and_formula_runs_graphs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_meta_gradient_on_gpu_same_with_either_layer_derivatives(backend):
     """On CUDA (cuDNN's grouped convolutions, the GPU BatchNorm kernels in products)."""
-    from imaml_fast import backend_info
-
-    if not {b["name"]: b["available"] for b in backend_info("cuda", D)}[backend]:
-        pytest.skip(f"backend {backend} cannot run here")
+    require_cuda_backend(backend, D)
     model, ep = _omniglot_like()
     model = model.cuda()
     ep = tuple(t.cuda() for t in ep)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _helpers import DT, task_loss_fn
+from _helpers import CUDA_BACKENDS, DT, require_cuda_backend, task_loss_fn
 from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast import stacked
 from imaml_fast.hvp import BatchedHVP
@@ -381,12 +381,9 @@ def test_on_a_gpu_hand_batched_passes_equal_the_cpus_and_vmaps(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_on_a_gpu_meta_gradient_is_the_same_with_either_layer_batching(backend):
-    from imaml_fast import backend_info
-
-    if not {b["name"]: b["available"] for b in backend_info("cuda", DT)}[backend]:
-        pytest.skip(f"backend {backend} cannot run here")
+    require_cuda_backend(backend, DT)
     model = omniglot_conv(3, filters=4).to(DT)
     x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3)
     xq, yq = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3, N=3, seed=1)
