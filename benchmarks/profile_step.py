@@ -5,9 +5,10 @@ profile_hvp.py looks at one Hessian-vector product; this looks at a whole defaul
 gradient) of the authors' Omniglot network on random data, T = 32, 5-way 1-shot with 16 inner
 steps or 20-way with 25, 5 CG steps. It prints the wall time per step (median of 3, after a
 warm-up), the time in ops per step (CUDA kernel time on a GPU, CPU self time otherwise,
-under the profiler) and its share of the wall time, then the share of each kind of op (profile_hvp.py's kinds:
-convolutions, BatchNorm, ReLU, elementwise, reductions, copies/layout, matmuls, the
-imaml_fast.layers backward nodes with the C++ kernels they call) and the top ops.
+under the profiler) and its share of the wall time, then the share of each kind of op
+(profile_hvp.py's kinds: convolutions, BatchNorm, ReLU, elementwise, reductions,
+copies/layout, matmuls, the imaml_fast.layers backward nodes with the C++ kernels they call)
+and the top ops.
 
 On a GPU the kernel time is about what a captured step (IMAML's default there) costs, and
 the rest of the wall time is the host launching kernels; the shares say which kernels a
@@ -97,9 +98,10 @@ def main(argv=None):
           f"{cfg.inner_steps} inner steps, 5 CG steps, backend {r.backend}, task batching "
           f"{r.task_batching}, {where}, torch {torch.__version__}, CPU allocator: {args.malloc}\n")
     unit = "kernel" if cuda else "op (CPU self)"
+    caveat = "" if cuda else " (on a CPU the profiler slows the ops it times: can pass 100%)"
     print(f"{wall:.1f} ms wall per step (median of 3, not profiled), {per_step:.1f} ms of "
-          f"{unit} time per step (profiled): {100 * per_step / wall:.0f}% of the wall time"
-          f"{'' if cuda else ' (on a CPU the profiler slows the ops it times, so this can pass 100%)'}\n")
+          f"{unit} time per step (profiled): {100 * per_step / wall:.0f}% of the wall "
+          f"time{caveat}\n")
     print("| kind | ms per step | share |\n| --- | ---: | ---: |")
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {t / 1e3 / args.steps:.1f} | {100 * t / total:.1f}% |")

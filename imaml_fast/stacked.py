@@ -12,7 +12,8 @@ down once instead:
 - the activations stay in the layout [N, T*C, *spatial] from the input to the flatten, so
   every convolution is one grouped convolution (groups T * groups), every BatchNorm one
   F.batch_norm over T*C channels, and activations, padding and pooling act per channel
-  exactly as they are;
+  exactly as they are (a zero padding that a convolution follows is folded into the
+  convolution's own padding where that gives the same result: folded_padding);
 - after the flatten they are [T, N, F], and every linear layer is one batched matrix product;
 - the loss is computed for every task in one call for F.cross_entropy and F.mse_loss
   (batched_loss), and is the user's loss_fn under vmap otherwise, on the output [T, N, ...].
@@ -67,6 +68,8 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 _PER_CHANNEL = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
                 nn.ConstantPad3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
                 nn.AvgPool2d, nn.AvgPool3d)
+_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+         nn.ConstantPad3d)
 _SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: None,
                  nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
@@ -92,6 +95,33 @@ def _leaves(module: nn.Module, prefix: str = "") -> Optional[List[Tuple[str, nn.
     return out
 
 
+def folded_padding(pad: nn.Module, conv: nn.Module, spatial: Sequence[int]):
+    """The symmetric zero padding with which `conv` on an input of spatial size `spatial`
+    computes exactly what it computes on `pad`'s output, or None where none does. A zero
+    ConstantPad/ZeroPad followed by a convolution folds when, in every spatial dimension, the
+    pad's leading zeros added to the convolution's own padding give the same output size:
+    then every position the folded convolution reads outside the input is a zero in both
+    (the Omniglot network's ZeroPad2d((0, 1, 0, 1)) before a stride-2, padding-1 convolution
+    of a 7x7 input: its trailing zeros are read where the convolution pads anyway). Saves
+    the padded copy in every forward pass and its slice in every backward pass."""
+    D = len(spatial)
+    pads, cpad = pad.padding, conv.padding
+    if (pad.value != 0 or isinstance(cpad, str) or len(pads) != 2 * D
+            or type(conv) not in _CONV or len(cpad) != D or min(pads) < 0):
+        return None
+    out = []
+    for d, L in enumerate(spatial):
+        before, after = pads[2 * (D - 1 - d)], pads[2 * (D - 1 - d) + 1]  # F.pad: last dim first
+        p, s, dl, k = cpad[d], conv.stride[d], conv.dilation[d], conv.kernel_size[d]
+        q = p + before
+        reach = dl * (k - 1) + 1  # the input positions one output reads
+        padded, folded = L + before + after + 2 * p, L + 2 * q
+        if min(padded, folded) < reach or (padded - reach) // s != (folded - reach) // s:
+            return None  # another output size (or none: the convolution's own error stands)
+        out.append(q)
+    return tuple(out)
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module as m
     return any(bool(getattr(m, h, None)) for h in (
@@ -105,7 +135,8 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class Step:
-    """One layer of a plan: kind ("conv", "bn", "linear", "flatten", "apply"), the module,
+    """One layer of a plan: kind ("conv", "bn", "linear", "flatten", "pad": a padding a
+    convolution follows, "apply"), the module,
     and the positions of its weight and bias in FunctionalModel.names (None: absent)."""
     __slots__ = ("kind", "module", "weight", "bias")
 
@@ -147,6 +178,7 @@ class StackedPlan:
             h = x
         spatial = self.input_layout == "spatial"
         skip_next = False
+        conv_padding = None  # a zero pad folded into the next convolution (folded_padding)
         for k, s in enumerate(self.steps):
             if skip_next:  # the ReLU that batch_norm_relu already applied
                 skip_next = False
@@ -156,8 +188,14 @@ class StackedPlan:
             b = None if s.bias is None else params[s.bias]
             if s.kind == "conv":
                 h = _CONV[type(m)](h, w.reshape(-1, *w.shape[2:]),
-                                   None if b is None else b.reshape(-1),
-                                   m.stride, m.padding, m.dilation, m.groups * T)
+                                   None if b is None else b.reshape(-1), m.stride,
+                                   m.padding if conv_padding is None else conv_padding,
+                                   m.dilation, m.groups * T)
+                conv_padding = None
+            elif s.kind == "pad":  # a zero pad a convolution follows: folded where exact
+                conv_padding = folded_padding(m, self.steps[k + 1].module, h.shape[2:])
+                if conv_padding is None:
+                    h = m(h)
             elif s.kind == "bn":
                 w = None if w is None else w.reshape(-1)
                 b = None if b is None else b.reshape(-1)
@@ -269,6 +307,9 @@ def plan(model: nn.Module, names: Sequence[str], buffers) -> Optional[StackedPla
         return None
     if used != set(names) or input_layout is None:
         return None
+    for k in range(len(steps) - 1):  # zero pads a convolution follows may fold into it
+        if isinstance(steps[k].module, _PADS) and steps[k + 1].kind == "conv":
+            steps[k].kind = "pad"
     return StackedPlan(steps, input_layout, input_dim)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from _helpers import CUDA_BACKENDS, DT, require_cuda_backend, task_loss_fn
 from imaml_fast import FunctionalModel, IMAMLConfig, meta_gradient
 from imaml_fast import stacked
+from imaml_fast.stacked import folded_padding
 from imaml_fast.hvp import BatchedHVP
 from imaml_fast.models import conv4_maxpool, omniglot_conv, sinusoid_mlp
 
@@ -396,3 +397,75 @@ def test_on_a_gpu_meta_gradient_is_the_same_with_either_layer_batching(backend):
     assert a.backend == backend and a.grads_flat.is_cuda
     torch.testing.assert_close(a.grads_flat, b.grads_flat, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(a.adapted_flat, b.adapted_flat, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_padding_folds_into_the_next_convolution_exactly_where_it_may():
+    """folded_padding against the padded convolution itself, over a grid of sizes, pads and
+    convolution settings (float64): wherever it folds, the folded convolution equals the
+    padded one; it refuses a non-zero value, cropping and string padding."""
+    g = torch.Generator().manual_seed(3)
+    folds = asymmetric = refused = 0
+    for L in (4, 5, 7, 8):
+        for before, after in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 1)):
+            for p, s, dl, k in ((1, 2, 1, 3), (0, 1, 1, 3), (1, 1, 2, 3), (2, 2, 1, 5),
+                                (0, 2, 1, 2)):
+                pad = nn.ZeroPad2d((before, after, before, after))
+                conv = nn.Conv2d(2, 3, k, stride=s, padding=p, dilation=dl, bias=False).to(DT)
+                x = torch.randn(2, 2, L, L, generator=g, dtype=DT)
+                try:
+                    want = conv(pad(x))
+                except RuntimeError:  # the padded input is too small for the kernel
+                    assert folded_padding(pad, conv, (L, L)) is None
+                    continue
+                q = folded_padding(pad, conv, (L, L))
+                if q is None:
+                    refused += 1
+                    continue
+                folds += 1
+                asymmetric += before != after
+                assert q == (p + before, p + before)
+                got = F.conv2d(x, conv.weight, None, s, q, dl)
+                torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert folds > 40 and asymmetric > 10 and refused > 40
+    # another pad per dimension: F.pad's order is the last dimension first
+    pad, conv = nn.ZeroPad2d((0, 1, 1, 1)), nn.Conv2d(2, 3, 3, stride=2, padding=1).to(DT)
+    x = torch.randn(2, 2, 7, 7, generator=g, dtype=DT)
+    assert folded_padding(pad, conv, (7, 7)) == (2, 1)
+    torch.testing.assert_close(F.conv2d(x, conv.weight, conv.bias, 2, (2, 1)), conv(pad(x)),
+                               rtol=1e-13, atol=1e-13)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    assert folded_padding(nn.ZeroPad2d((0, 1, 0, 1)), conv, (7, 7)) == (1, 1)
+    assert folded_padding(nn.ConstantPad2d((0, 1, 0, 1), 0.5), conv, (7, 7)) is None
+    assert folded_padding(nn.ZeroPad2d((0, -1, 0, 0)), conv, (7, 7)) is None
+    assert folded_padding(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(2, 3, 3, padding="same"),
+                          (7, 7)) is None
+    assert folded_padding(nn.ZeroPad1d((1, 0)), nn.Conv1d(2, 3, 3, stride=2), (6,)) == (1,)
+
+
+def test_the_omniglot_networks_zero_pad_runs_inside_its_convolution(monkeypatch):
+    """The paper's network pads 7x7 maps to 8x8 before its third convolution: hand-batched,
+    that padding is the convolution's own (no padded copy), and outputs, gradients and
+    products equal vmap's, which pads (float64)."""
+    model = omniglot_conv(3, filters=4).to(DT)
+    fm = FunctionalModel(model, F.cross_entropy)
+    steps = fm.stacked.steps
+    assert [st.kind for st in steps].count("pad") == 1
+    pad_module = next(st.module for st in steps if st.kind == "pad")
+    calls = []
+    monkeypatch.setattr(type(pad_module), "forward",
+                        lambda self, x: calls.append(x.shape) or F.pad(x, self.padding))
+    x, y = _episode(model, (1, 28, 28), F.cross_entropy, _ce(3), T=3)
+    phi = fm.theta + 0.05 * torch.randn(3, fm.num_params, dtype=DT)
+    v = torch.randn(phi.shape, dtype=DT)
+    got = _passes(fm, phi, x, y, v)
+    assert calls == []  # folded: the module never ran
+    with fm.engine_mode(IMAMLConfig(layer_batching="vmap")):
+        want = _passes(fm, phi, x, y, v)
+    assert calls  # vmap runs the model as it is
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # 24x24 images: the third convolution sees 6x6 maps, where folding would change its
+    # output size (3x3 instead of 4x4): the pad runs
+    calls.clear()
+    out = fm.outputs(phi, torch.randn(3, 2, 1, 24, 24, dtype=DT))
+    assert calls == [(2, 12, 6, 6)] and out.shape == (3, 2, 3)
