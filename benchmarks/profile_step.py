@@ -34,6 +34,7 @@ from imaml_fast.cpu_memory import keep_freed_cpu_memory
 from imaml_fast.models import omniglot_conv
 
 from bench_meta_step import episode  # the same random episodes as the meta-step benchmark
+from peers.common import meta_line, run_meta
 from profile_hvp import kind_of
 
 
@@ -93,10 +94,10 @@ def main(argv=None):
     for name, t, _ in ops_:
         by_kind[kind_of(name)] += t
     per_step = total / 1e3 / args.steps
-    where = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"one meta-step, Omniglot {args.n_way}-way 1-shot, T = {args.tasks}, "
-          f"{cfg.inner_steps} inner steps, 5 CG steps, backend {r.backend}, task batching "
-          f"{r.task_batching}, {where}, torch {torch.__version__}, CPU allocator: {args.malloc}\n")
+    meta = run_meta("benchmarks/profile_step.py", vars(args), str(dev))
+    print(f"{meta_line(meta)}: one meta-step, Omniglot {args.n_way}-way 1-shot, T = "
+          f"{args.tasks}, {cfg.inner_steps} inner steps, 5 CG steps, backend {r.backend}, task "
+          f"batching {r.task_batching}, CPU allocator: {args.malloc}\n")
     unit = "kernel" if cuda else "op (CPU self)"
     caveat = "" if cuda else " (on a CPU the profiler slows the ops it times: can pass 100%)"
     print(f"{wall:.1f} ms wall per step (median of 3, not profiled), {per_step:.1f} ms of "
@@ -111,9 +112,7 @@ def main(argv=None):
               f"{100 * t / total:.1f}% |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": where, "torch": torch.__version__, "n_way": args.n_way,
-                       "tasks": args.tasks, "inner_steps": cfg.inner_steps, "malloc": args.malloc,
-                       "backend": r.backend, "task_batching": str(r.task_batching),
+            json.dump({"meta": meta, "inner_steps": cfg.inner_steps, "backend": r.backend, "task_batching": str(r.task_batching),
                        "wall_ms": wall, "op_ms_per_step": per_step,
                        "by_kind": {k: t / total for k, t in by_kind.items()},
                        "ops": [{"op": n, "ms_per_step": t / 1e3 / args.steps,
