@@ -113,7 +113,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "inner_steps": cfg.inner_steps, "backend": r.backend,
-                       "task_batching": str(r.task_batching), "wall_ms": wall, "op_ms_per_step": per_step,
+                       "task_batching": str(r.task_batching), "wall_ms": wall,
+                       "op_ms_per_step": per_step,
                        "by_kind": {k: t / total for k, t in by_kind.items()},
                        "ops": [{"op": n, "ms_per_step": t / 1e3 / args.steps,
                                 "calls_per_step": c / args.steps} for n, t, c in ops_]},
