@@ -58,6 +58,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_ver
 
 if want tests; then
 log "GPU tests: the GPU-marked tests, then the Triton kernels' tests on the GPU (not the interpreter)"
+# the data tests among them read the real Omniglot copy (tests/_data_helpers.py)
+data=${OMNIGLOT_ROOT:-../shared/data/omniglot}
+[ -d "$data" ] || echo "note: no Omniglot copy at $data (set OMNIGLOT_ROOT): the data tests will fail"
 timeout 150 $PY -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.txt" | tail -n 25 \
   || fail "GPU-marked tests"; pack
 fi
