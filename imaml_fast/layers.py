@@ -168,6 +168,16 @@ def _batch_size(in_dims, args):
     raise AssertionError("vmap rule called with no batched input")
 
 
+def _statistics(ctx, output):
+    """The (mean, invstd) of a BatchNorm Function's (y, mean, invstd) output, marked not
+    differentiable, and no zero [C] gradients materialised for them: backward then gets None
+    for them (and for an undefined gradient of y). For BatchNormFn and BatchNormReluFn."""
+    _, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.set_materialize_grads(False)
+    return mean, invstd
+
+
 class BatchNormFn(torch.autograd.Function):
     """(x [N, C, ...], weight [C] or None, bias [C] or None, eps, kernel) -> (y, mean, invstd).
     kernel: the backend's fused batch_norm_double_backward for products (None: the formula)."""
@@ -179,9 +189,7 @@ class BatchNormFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, eps, kernel = inputs
-        _, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero [C] gradients for mean and invstd
+        mean, invstd = _statistics(ctx, output)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.has_bias, ctx.kernel = eps, bias is not None, kernel
 
@@ -305,9 +313,7 @@ class BatchNormReluFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, eps, ops = inputs
-        _, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero [C] gradients for mean and invstd
+        mean, invstd = _statistics(ctx, output)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.ops = ops
 
