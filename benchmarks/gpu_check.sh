@@ -162,7 +162,7 @@ log "where one batched HVP spends its time (profiler, by op and by kind), ATen's
 timeout 90 $PY benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md" \
   || fail "profile_hvp"; pack
 log "where one whole 5-way meta-step spends its kernel time (profiler, uncaptured): what a captured step would gain from"
-timeout 90 $PY benchmarks/profile_step.py --device cuda --json "$RESULTS/profile_step.json" 2>&1 | tee "$RESULTS/profile_step.md" \
+timeout 90 $PY benchmarks/profile_step.py --device cuda --json "$RESULTS/profile_step.json" 2>&1 | tee "$RESULTS/profile_step.txt" \
   || fail "profile_step"; pack
 fi
 

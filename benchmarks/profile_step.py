@@ -16,11 +16,12 @@ captured step would gain from. On a CPU the shares say how much of a step the co
 are, against everything a fused kernel could still take.
 
     python benchmarks/profile_step.py [--device cuda] [--n-way 5] [--steps 2] [--json out.json]
+
+--json also writes the printed tables beside it (out.md), as the other benchmarks do.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -34,7 +35,7 @@ from imaml_fast.cpu_memory import keep_freed_cpu_memory
 from imaml_fast.models import omniglot_conv
 
 from bench_meta_step import episode  # the same random episodes as the meta-step benchmark
-from peers.common import meta_line, run_meta
+from peers.common import meta_line, run_meta, write_results
 from profile_hvp import kind_of
 
 
@@ -53,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--malloc", default="keep", choices=("keep", "default"),
                     help="the CPU allocator: keep freed memory (keep_freed_cpu_memory(), as "
                          "imaml-fast train runs) or glibc's default")
-    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--json", help="write the raw figures here (and the tables, .md, beside it)")
     args = ap.parse_args(argv)
     if args.malloc == "keep":
         keep_freed_cpu_memory()
@@ -95,31 +96,30 @@ def main(argv=None):
         by_kind[kind_of(name)] += t
     per_step = total / 1e3 / args.steps
     meta = run_meta("benchmarks/profile_step.py", vars(args), str(dev))
-    print(f"{meta_line(meta)}: one meta-step, Omniglot {args.n_way}-way 1-shot, T = "
-          f"{args.tasks}, {cfg.inner_steps} inner steps, 5 CG steps, backend {r.backend}, task "
-          f"batching {r.task_batching}, CPU allocator: {args.malloc}\n")
     unit = "kernel" if cuda else "op (CPU self)"
     caveat = "" if cuda else " (on a CPU the profiler slows the ops it times: can pass 100%)"
-    print(f"{wall:.1f} ms wall per step (median of 3, not profiled), {per_step:.1f} ms of "
-          f"{unit} time per step (profiled): {100 * per_step / wall:.0f}% of the wall "
-          f"time{caveat}\n")
-    print("| kind | ms per step | share |\n| --- | ---: | ---: |")
+    lines = [f"{meta_line(meta)}: one meta-step, Omniglot {args.n_way}-way 1-shot, T = "
+             f"{args.tasks}, {cfg.inner_steps} inner steps, 5 CG steps, backend {r.backend}, "
+             f"task batching {r.task_batching}, CPU allocator: {args.malloc}\n",
+             f"{wall:.1f} ms wall per step (median of 3, not profiled), {per_step:.1f} ms of "
+             f"{unit} time per step (profiled): {100 * per_step / wall:.0f}% of the wall "
+             f"time{caveat}\n",
+             "| kind | ms per step | share |\n| --- | ---: | ---: |"]
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {t / 1e3 / args.steps:.1f} | {100 * t / total:.1f}% |")
-    print("\n| op | ms per step | calls per step | share |\n| --- | ---: | ---: | ---: |")
+        lines.append(f"| {kind} | {t / 1e3 / args.steps:.1f} | {100 * t / total:.1f}% |")
+    lines.append("\n| op | ms per step | calls per step | share |\n| --- | ---: | ---: | ---: |")
     for name, t, n in sorted(ops_, key=lambda o: -o[1])[:args.top]:
-        print(f"| {name[:60]} | {t / 1e3 / args.steps:.2f} | {n / args.steps:.0f} | "
-              f"{100 * t / total:.1f}% |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "inner_steps": cfg.inner_steps, "backend": r.backend,
-                       "task_batching": str(r.task_batching), "wall_ms": wall,
-                       "op_ms_per_step": per_step,
-                       "by_kind": {k: t / total for k, t in by_kind.items()},
-                       "ops": [{"op": n, "ms_per_step": t / 1e3 / args.steps,
-                                "calls_per_step": c / args.steps} for n, t, c in ops_]},
-                      f, indent=2)
-
+        lines.append(f"| {name[:60]} | {t / 1e3 / args.steps:.2f} | {n / args.steps:.0f} | "
+                     f"{100 * t / total:.1f}% |")
+    md = "\n".join(lines) + "\n"
+    print(md, end="")
+    if args.json:  # the raw figures, and the table beside them (.md)
+        write_results(args.json, {
+            "meta": meta, "inner_steps": cfg.inner_steps, "backend": r.backend,
+            "task_batching": str(r.task_batching), "wall_ms": wall, "op_ms_per_step": per_step,
+            "by_kind": {k: t / total for k, t in by_kind.items()},
+            "ops": [{"op": n, "ms_per_step": t / 1e3 / args.steps,
+                     "calls_per_step": c / args.steps} for n, t, c in ops_]}, md)
 
 if __name__ == "__main__":
     main()
