@@ -44,6 +44,7 @@ status=0
 # command does, whatever tee and tail do), so that `status` is set in this shell.
 fail() { echo "FAILED: $*"; status=1; }
 ONLY=${GPU_CHECK_ONLY:-all}
+data=${OMNIGLOT_ROOT:-../shared/data/omniglot}  # the real Omniglot copy (tests, train, inner)
 named() { [[ " $ONLY " == *" $1 "* ]]; }    # a step asked for by name
 want() { [ "$ONLY" = all ] || named "$1"; }  # a step of the default run, or asked for
 
@@ -59,7 +60,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_ver
 if want tests; then
 log "GPU tests: the GPU-marked tests, then the Triton kernels' tests on the GPU (not the interpreter)"
 # the data tests among them read the real Omniglot copy (tests/_data_helpers.py)
-data=${OMNIGLOT_ROOT:-../shared/data/omniglot}
 [ -d "$data" ] || echo "note: no Omniglot copy at $data (set OMNIGLOT_ROOT): the data tests will fail"
 timeout 150 $PY -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests.txt" | tail -n 25 \
   || fail "GPU-marked tests"; pack
@@ -117,7 +117,7 @@ mins=${GPU_CHECK_TRAIN_MINUTES:-6}
 log "Omniglot meta-training (${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}, the paper's settings, T=32, up to 30000 steps) for $mins minutes, then 600 meta-test tasks"
 timeout $(( ${mins%.*} * 60 + 240 )) $PY benchmarks/train_omniglot_quick.py --device cuda \
   --preset "${GPU_CHECK_TRAIN_PRESET:-omniglot-5w1s}" --tasks 32 --steps 30000 \
-  --minutes "$mins" ${GPU_CHECK_TRAIN_TF32:+--tf32} --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
+  --minutes "$mins" ${GPU_CHECK_TRAIN_TF32:+--tf32} --data-root "$data" \
   --out "$RESULTS/omniglot_train" 2>&1 | tee "$RESULTS/omniglot_train.txt" \
   || fail "train_omniglot_quick"; pack
 fi
@@ -152,7 +152,7 @@ isteps=${GPU_CHECK_INNER_STEPS:-300}
 log "inner-loop convergence along ${isteps} meta-steps of ${GPU_CHECK_TRAIN_PRESET:-omniglot-20w1s}, fixed step vs line search"
 timeout $(( isteps * 2 + 120 )) $PY benchmarks/inner_convergence.py --device cuda \
   --preset "${GPU_CHECK_TRAIN_PRESET:-omniglot-20w1s}" --steps "$isteps" --every 20 \
-  --data-root "${OMNIGLOT_ROOT:-../shared/data/omniglot}" \
+  --data-root "$data" \
   --json "$RESULTS/inner_convergence.json" 2>&1 | tail -n 40 | tee "$RESULTS/inner_convergence.txt" \
   || fail "inner_convergence"; pack
 fi
