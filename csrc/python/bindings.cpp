@@ -68,8 +68,8 @@ PYBIND11_MODULE(_C, m) {
      "openmp (bool).");
 
   m.def("set_cpu_threads", &imaml_fast_set_cpu_threads, py::arg("n"),
-        "Threads the CPU twins spread their tasks over (process-wide; < 1 means 1).");
-  m.def("cpu_threads", &imaml_fast_cpu_threads, "The CPU twins' thread count.");
+        "Threads the CPU twins spread the calling thread's calls over (< 1 means 1).");
+  m.def("cpu_threads", &imaml_fast_cpu_threads, "The CPU twins' thread count for calls from this thread.");
 
   // ---- prox_update
   m.def("prox_update_cpu",

@@ -1,6 +1,5 @@
 // Build information, error strings and the workspace-size queries (pure host code: the
 // Python wrappers ask for workspace sizes before allocating device memory with torch).
-#include <atomic>
 #include <cstring>
 
 #include "common.h"
@@ -41,11 +40,13 @@ int imaml_fast_has_cuda(void) {
 }
 
 namespace {
-std::atomic<int> g_cpu_threads{1};
+// per thread: worker threads that each run a group of tasks (imaml_fast/threads.py) keep
+// their own count, as OpenMP and ATen keep theirs
+thread_local int g_cpu_threads = 1;
 }
 
-void imaml_fast_set_cpu_threads(int n) { g_cpu_threads.store(n < 1 ? 1 : n); }
-int imaml_fast_cpu_threads(void) { return g_cpu_threads.load(); }
+void imaml_fast_set_cpu_threads(int n) { g_cpu_threads = n < 1 ? 1 : n; }
+int imaml_fast_cpu_threads(void) { return g_cpu_threads; }
 
 const char* imaml_fast_cuda_archs(void) { return IMAML_FAST_CUDA_ARCHS; }
 const char* imaml_fast_no_cuda_reason(void) { return IMAML_FAST_NO_CUDA_REASON; }

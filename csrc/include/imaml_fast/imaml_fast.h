@@ -61,7 +61,8 @@ const char* imaml_fast_strerror(int code);
  * The *_cpu functions split their tasks over this many threads (default 1; values < 1 mean 1).
  * Each task is computed by one thread with the same operations in the same order, so results
  * are bit-identical for every thread count. Small calls (T * P below 65,536) stay on the
- * calling thread. Process-wide; set it before calling, not while calls are running. */
+ * calling thread. Per calling thread, like OpenMP's own count: a thread's setting applies to
+ * the calls it makes (threads that each run calls concurrently can each use one thread). */
 void imaml_fast_set_cpu_threads(int n);
 int imaml_fast_cpu_threads(void);
 
