@@ -19,6 +19,7 @@ Every strategy computes the same numbers up to floating-point summation order.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Dict, Tuple, Union
 
@@ -28,6 +29,9 @@ from .functional import FunctionalModel
 
 Strategy = Union[str, int]
 _CACHE: Dict[Tuple, Strategy] = {}
+# One measurement at a time: groups of tasks on worker threads (imaml_fast.threads) ask for
+# the same key at once; the first measures, the others then find its choice.
+_TUNE_LOCK = threading.Lock()
 # Below this time for one batched gradient with vmap over all tasks, overheads are not worth
 # measuring: vmap is taken as it is.
 _TUNE_MIN_SECONDS = 0.01
@@ -93,8 +97,14 @@ def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y,
         return "loop"
     weights = (float(max(inner_steps, 1)), float(hvps))
     key = _key(fm, x) + (weights,)
-    if key in _CACHE:
+    with _TUNE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _measure(fm, theta, x, y, weights)
         return _CACHE[key]
+
+
+def _measure(fm, theta, x, y, weights) -> Strategy:
+    T = x.shape[0]
     _time_strategy(fm, theta, x, y, "vmap", repeats=1)  # warm-up
     timings = {"vmap": _time_strategy(fm, theta, x, y, "vmap", weights=weights)}
     if timings["vmap"] / weights[0] >= _TUNE_MIN_SECONDS:
@@ -108,7 +118,6 @@ def choose_strategy(requested: Strategy, fm: FunctionalModel, theta, x, y,
     best = min(timings, key=timings.get)
     if timings[best] > _TUNE_MARGIN * timings["vmap"]:
         best = "vmap"
-    _CACHE[key] = best
     return best
 
 

@@ -114,6 +114,14 @@ class IMAMLConfig:
         one [N, T*C, ...] layout from layer to layer, so a pass dispatches fewer operations
         and moves less memory; any other model runs under torch.func.vmap. "vmap": always
         vmap. Same values up to rounding.
+    task_threads: on the CPU, how many groups of tasks run concurrently, each on its own
+        worker thread with one intra-op thread (imaml_fast.threads): "auto" (default) one
+        group per thread torch uses (torch.get_num_threads()), an int n at most n groups,
+        1 one batched call on the calling thread. Tasks are independent until the final
+        mean, so this overlaps one group's Python dispatch with the others' compute and
+        runs every operation on one core: the Omniglot meta-step took 8% (5-way) and 11%
+        (20-way) less time in two groups on two cores. Batched backends only; on a GPU
+        "auto" means 1 and an int above 1 is an error. Same values up to rounding.
     """
 
     inner_solver: str = "gd"
@@ -136,6 +144,7 @@ class IMAMLConfig:
     inner_tol: float = 0.0  # after the older fields, so that positional construction keeps
     tf32: bool = False      # its meaning
     layer_batching: str = "auto"
+    task_threads: Union[str, int] = "auto"
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -172,6 +181,9 @@ class IMAMLConfig:
             _fail("amp", self.amp, f"allowed values are {AMP}")
         if self.layer_derivatives not in LAYER_DERIVATIVES:
             _fail("layer_derivatives", self.layer_derivatives, f"allowed values are {LAYER_DERIVATIVES}")
+        tt = self.task_threads
+        if isinstance(tt, bool) or not (tt == "auto" or (isinstance(tt, int) and tt >= 1)):
+            _fail("task_threads", tt, "allowed values are 'auto' or an int >= 1")
         if self.layer_batching not in LAYER_BATCHING:
             _fail("layer_batching", self.layer_batching, f"allowed values are {LAYER_BATCHING}")
         if not isinstance(self.check_finite, bool):

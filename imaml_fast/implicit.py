@@ -24,6 +24,7 @@ from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
+from .threads import choose_task_threads, map_groups
 from .validation import validate_episode
 
 
@@ -61,6 +62,8 @@ class MetaGradient:
     # [T] cosine between each task's meta-gradient and its first-order one (the query
     # gradient at phi_i): 1 where the implicit term only rescales it; see first_order_cosine()
     first_order_cosine: Optional[torch.Tensor] = None
+    # how many groups of tasks ran concurrently on CPU worker threads (IMAMLConfig.task_threads)
+    task_threads: int = 1
 
 
 def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
@@ -195,6 +198,72 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         from .backends.reference import meta_gradient_reference
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
+    T = xs.shape[0]
+    n = choose_task_threads(config.task_threads, fm, theta, xs, ys, backend.batched,
+                            config.task_batching)
+
+    def group(fm_g, a, b):
+        th = theta if theta.dim() == 1 else theta[a:b]
+        return _solve_tasks(fm_g, th, xs[a:b], ys[a:b], xq[a:b], yq[a:b], config, backend,
+                            shift, scale)
+
+    parts, n = map_groups(group, fm, T, n, config.task_threads)
+    part = parts[0] if len(parts) == 1 else _merge(parts)
+    return MetaGradient(
+        grads=fm.unflatten(part.grads_flat), task_grads=fm.unflatten(part.task_flat),
+        adapted=fm.unflatten(part.phi), cg_iters=part.cg_iters, cg_residual=part.cg_residual,
+        cg_status=part.cg_status, cg_clipped=part.cg_clipped, inner_loss=part.inner_loss,
+        inner_residual=part.residual, query_loss=part.query_loss,
+        grads_flat=part.grads_flat, task_grads_flat=part.task_flat, adapted_flat=part.phi,
+        backend=backend.name, hvp=part.hvp_mode, task_batching=part.strategy,
+        evals=part.evals, query_outputs=part.query_outputs, inner_steps=part.inner_steps,
+        first_order_cosine=part.cosine, task_threads=n)
+
+
+@dataclass
+class _Part:
+    """One group of tasks' share of a MetaGradient (see _solve_tasks)."""
+
+    task_flat: torch.Tensor
+    phi: torch.Tensor
+    cg_iters: torch.Tensor
+    cg_residual: torch.Tensor
+    cg_status: torch.Tensor
+    cg_clipped: torch.Tensor
+    inner_loss: torch.Tensor
+    residual: torch.Tensor
+    query_loss: torch.Tensor
+    query_outputs: Optional[torch.Tensor]
+    inner_steps: Optional[torch.Tensor]
+    cosine: torch.Tensor
+    grads_flat: torch.Tensor
+    hvp_mode: str
+    strategy: object
+    evals: Dict[str, int]
+
+
+_PER_TASK = ("task_flat", "phi", "cg_iters", "cg_residual", "cg_status", "cg_clipped",
+             "inner_loss", "residual", "query_loss", "query_outputs", "inner_steps", "cosine")
+
+
+def _merge(parts) -> _Part:
+    """The groups' parts as one, tasks in order. The mean over all tasks is taken from the
+    joined per-task gradients, as in one call; evals are the most any group made (each
+    group's batched calls run beside the others'), the strategy the first group's (all
+    groups' when they differ)."""
+    joined = {}
+    for name in _PER_TASK:
+        pieces = [getattr(p, name) for p in parts]
+        joined[name] = None if any(t is None for t in pieces) else torch.cat(pieces)
+    strategies = [p.strategy for p in parts]
+    return _Part(**joined, grads_flat=joined["task_flat"].mean(0), hvp_mode=parts[0].hvp_mode,
+                 strategy=strategies[0] if len(set(map(str, strategies))) == 1
+                 else tuple(strategies),
+                 evals={k: max(p.evals[k] for p in parts) for k in parts[0].evals})
+
+
+def _solve_tasks(fm, theta, xs, ys, xq, yq, config, backend, shift, scale) -> _Part:
+    """Inner solve, query gradient, implicit solve and diagnostics for a group of tasks."""
     ops = backend.ops()
     strategy = choose_strategy(config.task_batching, fm, theta, xs, ys, **step_counts(config))
     hvp_mode = resolve_hvp_mode(config.hvp)
@@ -244,13 +313,10 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         residual = inner_residual(grad_F, inner.grad0_norm, dot)
         cosine = first_order_cosine(task_flat, gq, dot)
         grads_flat = task_flat.mean(0)
-    return MetaGradient(
-        grads=fm.unflatten(grads_flat), task_grads=fm.unflatten(task_flat),
-        adapted=fm.unflatten(phi), cg_iters=cg_iters, cg_residual=cg_residual,
-        cg_status=cg_status, cg_clipped=cg_clipped, inner_loss=inner_loss,
-        inner_residual=residual,
-        query_loss=query_loss, grads_flat=grads_flat, task_grads_flat=task_flat, adapted_flat=phi,
-        backend=backend.name, hvp=hvp_mode, task_batching=strategy,
-        evals={"grad": inner.grad_evals + 1 + extra_grad, "hvp": inner.hvp_evals + hvp_calls,
-               "loss": inner.loss_evals}, query_outputs=query_outputs,
-        inner_steps=inner.steps_taken, first_order_cosine=cosine)
+    return _Part(task_flat=task_flat, phi=phi, cg_iters=cg_iters, cg_residual=cg_residual,
+                 cg_status=cg_status, cg_clipped=cg_clipped, inner_loss=inner_loss,
+                 residual=residual, query_loss=query_loss, query_outputs=query_outputs,
+                 inner_steps=inner.steps_taken, cosine=cosine, grads_flat=grads_flat,
+                 hvp_mode=hvp_mode, strategy=strategy,
+                 evals={"grad": inner.grad_evals + 1 + extra_grad,
+                        "hvp": inner.hvp_evals + hvp_calls, "loss": inner.loss_evals})

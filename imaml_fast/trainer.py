@@ -44,6 +44,7 @@ class MetaStepStats:
             "cg_clipped": int(r.cg_clipped.sum().item()),
             "grad_norm": r.grads_flat.norm().item(),
             "backend": r.backend, "hvp": r.hvp, "task_batching": r.task_batching,
+            "task_threads": r.task_threads,
         }
 
 
@@ -179,6 +180,7 @@ class IMAML:
         from .backends import resolve_backend
         from .batching import choose_strategy, step_counts
         from .inner import solve_inner
+        from .threads import choose_task_threads, map_groups
         from .validation import validate_episode
 
         theta = self._theta()
@@ -188,10 +190,17 @@ class IMAML:
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
         with self._fm.engine_mode(c, backend):
-            strategy = choose_strategy(c.task_batching, self._fm, theta, x_support, y_support,
-                                       **step_counts(c, inner_only=True))
-            res = solve_inner(self._fm, theta, x_support, y_support, c, strategy, ops)
-        return self._fm.unflatten(res.phi)
+            n = choose_task_threads(c.task_threads, self._fm, theta, x_support, y_support,
+                                    backend.batched, c.task_batching)
+
+            def group(fm, a, b):  # tasks [a, b), on a worker thread when n > 1
+                xs, ys = x_support[a:b], y_support[a:b]
+                strategy = choose_strategy(c.task_batching, fm, theta, xs, ys,
+                                           **step_counts(c, inner_only=True))
+                return solve_inner(fm, theta, xs, ys, c, strategy, ops).phi
+
+            parts, _ = map_groups(group, self._fm, x_support.shape[0], n, c.task_threads)
+        return self._fm.unflatten(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def predict(self, adapted: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, M, ...] of each task's adapted parameters on x [T, M, ...]."""

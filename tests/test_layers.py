@@ -554,8 +554,10 @@ def test_meta_gradient_with_the_cpp_convolution_input_gradient(monkeypatch, task
     g = torch.Generator().manual_seed(5)
     xs, xq = torch.randn(2, T, 3, 1, 14, 14, generator=g, dtype=D)
     y = torch.arange(3).repeat(T, 1)
+    # one group of tasks (task_threads=1): the batched calls' sizes are what is checked
     cfg = IMAMLConfig(inner_steps=K, cg_steps=cg, cg_tol=0.0, lam=1.0, inner_lr=0.1,
-                      backend="cpp", task_batching=task_batching, layer_batching=layer_batching)
+                      backend="cpp", task_batching=task_batching, layer_batching=layer_batching,
+                      task_threads=1)
     ours = meta_gradient(model, F.cross_entropy, xs, y, xq, y, cfg)
     # groups: all T tasks, or the span of 3 (the span of 1 task left goes to ATen); at least
     # one call per inner step and per product (the first convolution's input is data)
