@@ -39,7 +39,8 @@ from .trainer import IMAML
 
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
-                     "nproc", "cuda_graphs", "eval_every", "eval_tasks", "tf32")
+                     "nproc", "cuda_graphs", "eval_every", "eval_tasks", "tf32",
+                     "task_threads")
 _NO_CHECKPOINT = ("--resume but {path} does not exist: start the run without --resume, or "
                   "point --out at the run folder")
 EVAL_SEED = 2019
@@ -79,6 +80,7 @@ class RunSettings:
     hvp: str = "auto"
     backend: str = "auto"
     task_batching: object = "auto"
+    task_threads: object = "auto"   # as IMAMLConfig's: speed only, so a resume may change it
     layer_derivatives: str = "closed_form"
     tf32: bool = False              # as IMAMLConfig's: rounding only, so a resume may change it
     outer_lr: float = 1e-3
@@ -139,7 +141,8 @@ class RunSettings:
                            cg_tol=self.cg_tol, cg_damping=self.cg_damping, cg_clip=self.cg_clip,
                            hvp=self.hvp,
                            backend=self.backend, task_batching=self.task_batching,
-                           layer_derivatives=self.layer_derivatives, tf32=self.tf32)
+                           layer_derivatives=self.layer_derivatives, tf32=self.tf32,
+                           task_threads=self.task_threads)
 
     def validate(self) -> None:
         for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every", "nproc"):

@@ -60,9 +60,10 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None: seen.setdefault("s", s) and
                         {"steps": 0, "seconds": 0.0, "last": {}, "curve": None})
     run(["train", "omniglot-20w5s", "--lam", "3", "--inner-steps", "7", "--task-batching", "4",
-         "--out", "x", "--data-root", "d"], capsys)
+         "--task-threads", "2", "--out", "x", "--data-root", "d"], capsys)
     s = seen["s"]
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
+    assert s.task_threads == 2 and s.imaml_config().task_threads == 2
 
 
 def test_warnings_read_as_the_commands_own_lines(monkeypatch, capsys):

@@ -521,6 +521,22 @@ def test_tf32_may_change_on_resume_and_old_checkpoints_resume_without_it(tmp_pat
     assert ck["step"] == 3 and ck["settings"]["tf32"] is True
 
 
+def test_task_threads_may_change_on_resume(tmp_path):
+    """Groups of tasks on worker threads change how a step is scheduled, not what it
+    computes: a run trained in two groups and resumed in one ends where a run in one group
+    all along ends, up to rounding."""
+    from imaml_fast.train import RESUMABLE_CHANGES
+
+    assert "task_threads" in RESUMABLE_CHANGES
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(sin_settings(whole, task_threads=1))
+    train(sin_settings(split, task_threads=2), stop_after=3)
+    assert load_checkpoint(split / "checkpoint.pt")["settings"]["task_threads"] == 2
+    train(sin_settings(split, task_threads=1), resume=True)
+    for k, v in params(whole).items():
+        assert torch.allclose(params(split)[k], v, rtol=1e-5, atol=1e-7), k
+
+
 def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_identically(tmp_path):
     """max_seconds ends the run at the first step past the limit (here: the first step),
     with a checkpoint; resuming then ends bit-identical to an uninterrupted run."""
