@@ -96,7 +96,8 @@ def _variant(settings: dict, name: str, cfg):
 
     def run():
         r = step()
-        return {"backend": r.backend, "hvp": r.hvp, "task_batching": str(r.task_batching)}
+        return {"backend": r.backend, "hvp": r.hvp, "task_batching": str(r.task_batching),
+                "task_threads": r.task_threads}
     return run
 
 
@@ -130,6 +131,9 @@ def main(argv=None):
     variants = [
         ("reference", base.replace(backend="reference")),
         ("default (auto)", base),
+        # all tasks in one call on the calling thread's intra-op threads, against the
+        # default's groups of tasks on worker threads (imaml_fast.threads) where measured faster
+        ("default, one group of tasks", base.replace(task_threads=1)),
         ("default, autograd layers", base.replace(layer_derivatives="autograd")),
         ("torch, hvp=fwdrev", base.replace(backend="torch", hvp="fwdrev")),
         ("torch, vmap all tasks", base.replace(backend="torch", task_batching="vmap")),
@@ -191,8 +195,8 @@ def main(argv=None):
                      "times_s": times[name],
                      "tasks_per_s": args.tasks / med, **r})
         print(f"{name:34s} {med:8.3f} s/step  {args.tasks / med:7.1f} tasks/s  "
-              f"(backend={r['backend']}, hvp={r['hvp']}, task_batching={r['task_batching']})",
-              flush=True)
+              f"(backend={r['backend']}, hvp={r['hvp']}, task_batching={r['task_batching']}, "
+              f"task_threads={r.get('task_threads', 1)})", flush=True)
     ref = rows[0]["median_s"]  # the reference unless --skip-reference
     print()
     for row in rows:
@@ -224,7 +228,8 @@ def markdown_table(meta, rows):
     for r in rows:
         lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['tasks_per_s']:.1f} | "
                      f"{r['speedup_vs_first']:.2f}x | {r['backend']}, hvp={r['hvp']}, "
-                     f"task_batching={r['task_batching']} |")
+                     f"task_batching={r['task_batching']}, "
+                     f"task_threads={r.get('task_threads', 1)} |")
     return head + "\n".join(lines) + "\n"
 
 

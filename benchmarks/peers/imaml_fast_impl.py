@@ -40,7 +40,7 @@ def build(model: torch.nn.Module, loss_fn, s: Settings, cuda_graphs="auto", **ov
         r = step(xs, ys, xq, yq)
         return Result(grad=r.grads_flat, phi=r.adapted_flat,
                       info={"backend": r.backend, "hvp": r.hvp,
-                            "task_batching": r.task_batching,
+                            "task_batching": r.task_batching, "task_threads": r.task_threads,
                             "cg_iters_mean": float(r.cg_iters.float().mean())})
 
     return run
