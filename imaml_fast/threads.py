@@ -141,9 +141,13 @@ def resolve_task_threads(requested, device: torch.device, T: int, batched: bool)
 # "auto" keeps one call below this time for one batched gradient over all tasks: thread
 # hand-offs and the GIL cost more than such work gains.
 _MIN_SECONDS = 0.002
-# and groups replace one call only when a batched gradient in groups took at most this
-# fraction of one call's time (best of three each)
-_MARGIN = 0.95
+# Timed rounds, each one call and then the groups, after a warm-up of each; the best of each
+# counts. A single gradient's time moves by up to 1.6x between calls on a shared machine
+# (Omniglot 20-way: 0.21-0.27 s), more than the groups gain; interleaved rounds and best
+# times keep that noise from deciding.
+_ROUNDS = 4
+# Groups replace one call when their best time is at most this fraction of one call's.
+_MARGIN = 1.0
 _CHOICES: Dict[Tuple, int] = {}
 _CHOICE_LOCK = threading.Lock()
 
@@ -152,9 +156,9 @@ def choose_task_threads(requested, fm, theta, x, y, batched: bool, strategy="vma
     """The number of groups a call runs: resolve_task_threads, and for "auto" with more than
     one group, measured once per model structure, input shape, dtype and thread count (then
     cached): one batched support gradient over all tasks on the calling thread against the
-    same gradient in groups on the workers, best of three each. Tiny models lose: an MLP on
-    sinusoid tasks ran 1.5-2x slower in two groups (its operations take microseconds, and
-    the groups take turns at the GIL); the Omniglot network gains."""
+    same gradient in groups on the workers. Tiny models lose: an MLP on sinusoid tasks ran
+    1.5-2x slower in two groups (its operations take microseconds, and the groups take turns
+    at the GIL); the Omniglot network's gradient took 0.5-0.9 times as long (two cores)."""
     n = resolve_task_threads(requested, fm.device, x.shape[0], batched)
     if requested != "auto" or n == 1:
         return n
@@ -183,21 +187,20 @@ def _measure(fm, theta, x, y, n, strategy) -> int:
         map_groups(lambda f, a, b: f.grad_and_losses(phi[a:b], x[a:b], y[a:b], strategy),
                    fm, T, n)
 
-    def best(fn):
-        t = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
     one()  # warm-up
-    t_one = best(one)
+    t_one = timed(one)
     if t_one < _MIN_SECONDS:
         return 1
     grouped()  # warm-up
-    t_groups = best(grouped)
-    t_one = min(t_one, best(one))  # again, last: the first timings pay one-off costs
+    t_groups = float("inf")
+    for _ in range(_ROUNDS):
+        t_one = min(t_one, timed(one))
+        t_groups = min(t_groups, timed(grouped))
     return n if t_groups <= _MARGIN * t_one else 1
 
 
