@@ -115,13 +115,14 @@ class IMAMLConfig:
         and moves less memory; any other model runs under torch.func.vmap. "vmap": always
         vmap. Same values up to rounding.
     task_threads: on the CPU, how many groups of tasks run concurrently, each on its own
-        worker thread with one intra-op thread (imaml_fast.threads): "auto" (default) one
-        group per thread torch uses (torch.get_num_threads()), an int n at most n groups,
-        1 one batched call on the calling thread. Tasks are independent until the final
-        mean, so this overlaps one group's Python dispatch with the others' compute and
-        runs every operation on one core: the Omniglot meta-step took 8% (5-way) and 11%
-        (20-way) less time in two groups on two cores. Batched backends only; on a GPU
-        "auto" means 1 and an int above 1 is an error. Same values up to rounding.
+        worker thread with an equal share of the caller's torch threads (imaml_fast.threads):
+        "auto" (default) two groups where torch uses two threads or more and one batched
+        gradient over all tasks takes at least 5 ms (timed once per model and shape), else
+        one call; an int n at most n groups; 1 one batched call on the calling thread.
+        Tasks are independent until the final mean, so one group's Python dispatch overlaps
+        the other's compute: the Omniglot meta-step took 6-15% (5-way) and 11% (20-way)
+        less time in two groups on two cores. Batched backends only; on a GPU "auto" means 1
+        and an int above 1 is an error. Same values up to rounding.
     """
 
     inner_solver: str = "gd"

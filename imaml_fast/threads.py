@@ -1,14 +1,26 @@
 """Task groups on CPU threads: a meta-batch cut into contiguous groups of tasks, each group
-run on its own worker thread with one intra-op thread.
+run on its own worker thread, the caller's intra-op threads shared out between the groups.
 
 Why: tasks are independent until the meta-gradient's final mean, and a single batched call
 over all tasks leaves CPU cores idle. Every operation of a step is dispatched from one Python
 thread (about 4,100 per Omniglot 5-way step), the cores wait while it does, and the late
-convolutions (4x4 and 2x2 outputs) split poorly over cores. With one group per core, each
-group's dispatch overlaps the other groups' compute, and every operation runs on one core.
-The Omniglot 5-way 1-shot meta-step (T = 32, 16 inner steps, 5 CG steps) on two cores took
-8% less time in two groups than in one call on two intra-op threads, the 20-way step 11%
-less (in-process A/Bs; benchmarks/bench_meta_step.py times both).
+convolutions (4x4 and 2x2 outputs) split poorly over cores. In groups, each group's dispatch
+overlaps the other groups' compute. Two cores, Omniglot 5-way 1-shot, T = 32, 16 inner
+steps, 5 CG steps, two groups of one thread against one call on two threads (in-process
+A/Bs, 6-8 interleaved rounds): 8% and 6% less time per step, 15% with freed memory kept
+(imaml_fast.cpu_memory); 20-way 11%; benchmarks/bench_meta_step.py has a one-group row.
+
+When: "auto" runs two groups (each with half the caller's threads) where one batched
+support gradient over all tasks takes at least _MIN_SECONDS on the caller, timed once per
+model structure, input shape, dtype and thread count. Below that the operations are too
+small: the groups take turns at the GIL and hand-offs cost more than the overlap wins. An
+MLP on sinusoid tasks, two cores, whole steps in two groups against one call: 0.59x at
+T = 32 (a gradient in 1.2 ms), 0.87x at 128 (1.9 ms), 0.97x at 256 (3.0 ms), 1.15x at 1024
+(7.2 ms); the Omniglot network's gradients take 40-270 ms. Why not time the groups
+themselves: their gain is the step's, not a gradient's (with freed memory kept, a gradient
+and a product each took the same time in groups as in one call, the whole step 15% less).
+Two groups, not one per thread: the groups' dispatch shares one GIL, and more than two were
+only measured on two cores (four groups of one thread there: 5% against two groups' 8%).
 
 What a worker runs is the engine's whole per-task computation for its group (inner solve,
 query gradient, CG with its products), with its own shallow copy of the FunctionalModel
@@ -16,12 +28,13 @@ query gradient, CG with its products), with its own shallow copy of the Function
 from the second worker on, its own deep copy of the module (torch.func.functional_call
 swaps parameters into the module it runs, so two threads cannot share one; the
 hand-batched layers never touch it). Per-task numbers are the same computation whatever the
-grouping, up to the floating-point rounding of the per-group batched calls.
+grouping, up to the floating-point rounding of the per-group batched calls (bit for bit the
+same in every comparison so far).
 
 Thread counts: PyTorch's CPU builds run ATen on OpenMP, whose thread count is per calling
-thread. Each worker sets its own to one when it starts; the caller's count is restored.
-Where the count turns out to be process-wide (a build without OpenMP), no worker pool is
-used and everything runs on the calling thread.
+thread. Each worker sets its own when it starts; the caller's count is restored. Where the
+count turns out to be process-wide (a build without OpenMP), no worker pool is used and
+everything runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -38,20 +51,20 @@ _UNUSABLE: Optional[str] = None  # why worker threads cannot be used here, once 
 
 
 class _Workers:
-    """n persistent worker threads, each with one intra-op thread."""
+    """n persistent worker threads, each with k intra-op threads."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, k: int):
         caller = torch.get_num_threads()
         ready = threading.Barrier(n + 1)
 
         def start():
             # ATen sets a thread's count from the process-wide record on the thread's first
-            # query; query first, so that the caller's restore below cannot undo the 1
+            # query; query first, so that the caller's restore below cannot undo k
             torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(k)
             ready.wait(timeout=60)
 
-        self.n = n
+        self.n, self.k = n, k
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="imaml_fast-tasks",
                                        initializer=start)
         # Every submit finds no idle worker while the others wait at the barrier in their
@@ -62,29 +75,36 @@ class _Workers:
         torch.set_num_threads(caller)  # the process-wide record of the count, for new threads
         worker_counts = {f.result() for f in [self.pool.submit(torch.get_num_threads)
                                                for _ in range(n)]}
-        self.per_thread = worker_counts == {1} and torch.get_num_threads() == caller
+        self.per_thread = worker_counts == {k} and torch.get_num_threads() == caller
 
     def shutdown(self):
         self.pool.shutdown(wait=True)
 
 
+def threads_per_group(n: int) -> int:
+    """The intra-op threads each of n groups runs with: the caller's shared out, at least 1."""
+    return max(1, torch.get_num_threads() // n)
+
+
 def _workers(n: int) -> Optional[_Workers]:
-    """The pool, with at least n workers; None where per-thread counts are not available."""
+    """The pool for n groups (n workers of threads_per_group(n) threads); None where
+    per-thread counts are not available."""
     global _POOL, _UNUSABLE
+    k = threads_per_group(n)
     with _LOCK:
         if _UNUSABLE is not None:
             return None
-        if _POOL is None or _POOL.n < n:
+        if _POOL is None or _POOL.n < n or _POOL.k != k:
             if _POOL is not None:  # its queued work still runs; its threads then end
                 _POOL.pool.shutdown(wait=False)
             caller = torch.get_num_threads()
-            _POOL = _Workers(n)
+            _POOL = _Workers(n, k)
             if not _POOL.per_thread:
                 _POOL.shutdown()
                 _POOL = None
                 torch.set_num_threads(caller)
                 _UNUSABLE = ("this PyTorch build keeps one intra-op thread count for the whole "
-                             "process (no OpenMP), so workers cannot each run on one thread")
+                             "process (no OpenMP), so workers cannot each run on their own")
                 return None
         return _POOL
 
@@ -118,12 +138,16 @@ def thread_state_active() -> Optional[str]:
     return None
 
 
+# "auto" runs this many groups at most (see the module's docstring)
+AUTO_MAX_GROUPS = 2
+
+
 def resolve_task_threads(requested, device: torch.device, T: int, batched: bool) -> int:
-    """How many groups of tasks run concurrently: 1 off the CPU, for the sequential reference
-    backend, for a single task, and for "auto" while thread_state_active(); else
-    min(requested, T), "auto" meaning torch.get_num_threads() of the caller. An int asks
-    for groups whatever is active: modes, hooks and autocast then see the calling thread's
-    work only."""
+    """How many groups of tasks can run concurrently: 1 off the CPU, for the sequential
+    reference backend, for a single task, and for "auto" while thread_state_active() or on
+    one torch thread; else min(requested, T), "auto" meaning min(torch.get_num_threads(),
+    AUTO_MAX_GROUPS). An int asks for groups whatever is active: modes, hooks and autocast
+    then see the calling thread's work only."""
     if requested == 1 or T < 2 or not batched:
         return 1
     if device.type != "cpu":
@@ -134,31 +158,22 @@ def resolve_task_threads(requested, device: torch.device, T: int, batched: bool)
     if requested == "auto":
         if thread_state_active() is not None:
             return 1
-        requested = torch.get_num_threads()
+        requested = min(torch.get_num_threads(), AUTO_MAX_GROUPS)
     return max(1, min(int(requested), T))
 
 
-# "auto" keeps one call below this time for one batched gradient over all tasks: thread
-# hand-offs and the GIL cost more than such work gains.
-_MIN_SECONDS = 0.002
-# Timed rounds, each one call and then the groups, after a warm-up of each; the best of each
-# counts. A single gradient's time moves by up to 1.6x between calls on a shared machine
-# (Omniglot 20-way: 0.21-0.27 s), more than the groups gain; interleaved rounds and best
-# times keep that noise from deciding.
-_ROUNDS = 4
-# Groups replace one call when their best time is at most this fraction of one call's.
-_MARGIN = 1.0
+# "auto" keeps one call where one batched gradient over all tasks takes less (see the
+# module's docstring for the measurements behind it)
+_MIN_SECONDS = 0.005
 _CHOICES: Dict[Tuple, int] = {}
 _CHOICE_LOCK = threading.Lock()
 
 
 def choose_task_threads(requested, fm, theta, x, y, batched: bool, strategy="vmap") -> int:
     """The number of groups a call runs: resolve_task_threads, and for "auto" with more than
-    one group, measured once per model structure, input shape, dtype and thread count (then
-    cached): one batched support gradient over all tasks on the calling thread against the
-    same gradient in groups on the workers. Tiny models lose: an MLP on sinusoid tasks ran
-    1.5-2x slower in two groups (its operations take microseconds, and the groups take turns
-    at the GIL); the Omniglot network's gradient took 0.5-0.9 times as long (two cores)."""
+    one group, one call where a batched support gradient over all tasks (the best of three
+    after a warm-up, on the caller) takes less than _MIN_SECONDS; timed once per model
+    structure, input shape, dtype and thread count, then cached."""
     n = resolve_task_threads(requested, fm.device, x.shape[0], batched)
     if requested != "auto" or n == 1:
         return n
@@ -167,41 +182,23 @@ def choose_task_threads(requested, fm, theta, x, y, batched: bool, strategy="vma
     key = _key(fm, x) + (n, torch.get_num_threads(), str(strategy))
     with _CHOICE_LOCK:
         if key not in _CHOICES:
-            _CHOICES[key] = _measure(fm, theta, x, y, n, strategy)
+            _CHOICES[key] = n if _gradient_seconds(fm, theta, x, y, strategy) >= _MIN_SECONDS else 1
         return _CHOICES[key]
 
 
-def _measure(fm, theta, x, y, n, strategy) -> int:
+def _gradient_seconds(fm, theta, x, y, strategy) -> float:
     import time
 
-    if _workers(n) is None:
-        return 1
     T = x.shape[0]
     phi = theta.expand(T, -1) if theta.dim() == 1 else theta
     strategy = "vmap" if strategy == "auto" else strategy
-
-    def one():
-        fm.grad_and_losses(phi, x, y, strategy)
-
-    def grouped():
-        map_groups(lambda f, a, b: f.grad_and_losses(phi[a:b], x[a:b], y[a:b], strategy),
-                   fm, T, n)
-
-    def timed(fn):
+    best = float("inf")
+    for i in range(4):  # a warm-up, then the best of three
         t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    one()  # warm-up
-    t_one = timed(one)
-    if t_one < _MIN_SECONDS:
-        return 1
-    grouped()  # warm-up
-    t_groups = float("inf")
-    for _ in range(_ROUNDS):
-        t_one = min(t_one, timed(one))
-        t_groups = min(t_groups, timed(grouped))
-    return n if t_groups <= _MARGIN * t_one else 1
+        fm.grad_and_losses(phi, x, y, strategy)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def clear_cache() -> None:
@@ -242,8 +239,8 @@ def worker_model(fm, i: int):
 
 def map_groups(fn: Callable, fm, T: int, n: int, requested="auto") -> Tuple[list, int]:
     """([fn(fm_i, a, b) for each group (a, b) of groups(T, n)], the number of groups that
-    ran): with n > 1 each group on a worker thread with one intra-op thread, the caller's
-    grad mode carried over; with n == 1, or where workers cannot be used, fn(fm, 0, T) on
+    ran): with n > 1 each group on a worker thread with threads_per_group(n) intra-op
+    threads, the caller's grad mode carried over; with n == 1, or where workers cannot be used, fn(fm, 0, T) on
     the calling thread. An exception in any group is raised after every group has ended."""
     pool = _workers(n) if n > 1 else None
     if pool is None:
