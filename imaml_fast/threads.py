@@ -118,8 +118,8 @@ def unavailable_reason() -> Optional[str]:
 def thread_state_active() -> Optional[str]:
     """What the caller has active that is kept per thread, so that work on workers would
     escape it, or None: a TorchFunctionMode or TorchDispatchMode (an op counter, a FLOP
-    counter), saved-tensor hooks (a memory meter, save_on_cpu), autocast, torch.profiler
-    (which records the calling thread's operations only). PyTorch has no public query for
+    counter), saved-tensor hooks (a memory meter, save_on_cpu), autocast, inference mode,
+    torch.profiler (which records the calling thread's operations only). PyTorch has no public query for
     some of these; where its private ones are missing, they count as inactive."""
     for name, what in (("_len_torch_function_stack", "a TorchFunctionMode"),
                        ("_len_torch_dispatch_stack", "a TorchDispatchMode")):
@@ -132,6 +132,8 @@ def thread_state_active() -> Optional[str]:
         return "saved-tensor hooks"
     if torch.is_autocast_enabled("cpu"):
         return "autocast"
+    if torch.is_inference_mode_enabled():
+        return "inference mode"
     enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
     if enabled is not None and enabled():
         return "the profiler"  # it records the calling thread's operations only

@@ -231,6 +231,8 @@ def test_auto_stays_on_the_calling_thread_under_per_thread_state(monkeypatch):
         assert resolve_task_threads("auto", cpu, 8, True) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert thread_state_active() == "autocast"
+    with torch.inference_mode():
+        assert thread_state_active() == "inference mode"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         assert thread_state_active() == "the profiler"
         assert resolve_task_threads("auto", cpu, 8, True) == 1
