@@ -159,7 +159,7 @@ fi
 
 if want profile; then
 log "where one batched HVP spends its time (profiler, by op and by kind), ATen's layer derivatives vs imaml_fast.layers"
-timeout 90 $PY benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.md" \
+timeout 90 $PY benchmarks/profile_hvp.py --device cuda --json "$RESULTS/profile_hvp.json" 2>&1 | tee "$RESULTS/profile_hvp.txt" \
   || fail "profile_hvp"; pack
 log "where one whole 5-way meta-step spends its kernel time (profiler, uncaptured): what a captured step would gain from"
 timeout 90 $PY benchmarks/profile_step.py --device cuda --json "$RESULTS/profile_step.json" 2>&1 | tee "$RESULTS/profile_step.txt" \

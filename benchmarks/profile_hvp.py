@@ -12,11 +12,12 @@ reductions, copies/layout, other. Kernels worth writing are the kinds with a lar
 are not convolutions or matmuls (cuDNN/cuBLAS/oneDNN already do those well).
 
     python benchmarks/profile_hvp.py [--device cuda] [--products 5] [--json out.json]
+
+--json writes the raw figures and, beside them (.md), the tables printed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 
 import torch
@@ -27,6 +28,7 @@ from imaml_fast.backends import resolve_backend
 from imaml_fast.batching import choose_strategy, step_counts
 
 from bench_meta_step import support_problem, time_it  # the same setting and median timing
+from peers.common import write_results
 
 KINDS = [  # (kind, substrings of the aten op name), first match wins
     ("imaml_fast.layers backward (kernels + glue)", ("fnbackward",)),
@@ -96,7 +98,13 @@ def main(argv=None):
     where = torch.cuda.get_device_name(dev) if cuda else "CPU"
     out = {"device": where, "tasks": T, "strategy": str(strategy), "backend": backend.name,
            "products": args.products, "runs": {}}
-    print(f"batched HVP, Omniglot 5-way 1-shot, T = {T}, task batching {strategy}, backend "
+    lines = []
+
+    def emit(text=""):
+        print(text)
+        lines.append(text)
+
+    emit(f"batched HVP, Omniglot 5-way 1-shot, T = {T}, task batching {strategy}, backend "
           f"{backend.name}, {where}, {torch.get_num_threads()} threads\n")
     for layers in ("autograd", "closed_form"):
         ops_, by_kind, per_product, wall = profile_products(
@@ -105,28 +113,27 @@ def main(argv=None):
         label = {"autograd": "before: ATen's own double backward (layer_derivatives='autograd')",
                  "closed_form": "after: imaml_fast.layers (layer_derivatives='closed_form', "
                                 "the default)"}[layers]
-        print(f"## {label}\n\n{wall:.1f} ms wall per product (median of 5), "
+        emit(f"## {label}\n\n{wall:.1f} ms wall per product (median of 5), "
               f"{per_product:.1f} ms of {'device' if cuda else 'CPU'} time in ops "
               f"(profiler self times)\n")
-        print("| kind | share |\n| --- | ---: |")
+        emit("| kind | share |\n| --- | ---: |")
         for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-            print(f"| {kind} | {100 * t / total:.1f}% |")
-        print(f"\n| op | ms per product | calls per product | share |\n| --- | ---: | ---: | ---: |")
+            emit(f"| {kind} | {100 * t / total:.1f}% |")
+        emit(f"\n| op | ms per product | calls per product | share |\n| --- | ---: | ---: | ---: |")
         for name, t, n in sorted(ops_, key=lambda o: -o[1])[:args.top]:
-            print(f"| {name[:60]} | {t / 1e3 / args.products:.2f} | {n / args.products:.0f} | "
+            emit(f"| {name[:60]} | {t / 1e3 / args.products:.2f} | {n / args.products:.0f} | "
                   f"{100 * t / total:.1f}% |")
-        print()
+        emit()
         out["runs"][layers] = {
             "wall_ms_per_product": wall, "per_product_ms": per_product,
             "by_kind": {k: t / total for k, t in by_kind.items()},
             "ops": [{"op": n, "ms_per_product": t / 1e3 / args.products, "calls": c}
                     for n, t, c in ops_]}
     a, b = out["runs"]["autograd"], out["runs"]["closed_form"]
-    print(f"after vs before: {a['wall_ms_per_product'] / b['wall_ms_per_product']:.2f}x faster "
+    emit(f"after vs before: {a['wall_ms_per_product'] / b['wall_ms_per_product']:.2f}x faster "
           f"per product (wall), {a['per_product_ms'] / b['per_product_ms']:.2f}x less op time")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    if args.json:  # the raw figures, and beside them the tables printed above
+        write_results(args.json, out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
