@@ -23,28 +23,25 @@ from .config import HVP_MODES, INNER_SOLVERS, LAYER_DERIVATIVES
 from .presets import PRESETS
 
 
-def _task_batching(value: str):
-    if value in ("auto", "vmap", "loop"):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: use auto, vmap, loop or a chunk size") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a chunk size must be >= 1")
-    return n
+def _word_or_count(words, use: str, count: str):
+    """An argparse type: one of `words`, or an int >= 1 (`use` lists what is allowed, `count`
+    names the number in the error)."""
+    def parse(value: str):
+        if value in words:
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: use {use}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{value!r}: {count} must be >= 1")
+        return n
+    return parse
 
 
-def _task_threads(value: str):
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: use auto or a number of threads") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a number of threads must be >= 1")
-    return n
+_task_batching = _word_or_count(("auto", "vmap", "loop"), "auto, vmap, loop or a chunk size",
+                                "a chunk size")
+_task_threads = _word_or_count(("auto",), "auto or a number of threads", "a number of threads")
 
 
 def _positive_int(value: str) -> int:
