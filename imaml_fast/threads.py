@@ -97,22 +97,14 @@ def _workers(n: int) -> Optional[_Workers]:
         if _POOL is None or _POOL.n < n or _POOL.k != k:
             if _POOL is not None:  # its queued work still runs; its threads then end
                 _POOL.pool.shutdown(wait=False)
-            caller = torch.get_num_threads()
-            _POOL = _Workers(n, k)
+            _POOL = _Workers(n, k)  # restores the caller's count whatever it finds
             if not _POOL.per_thread:
                 _POOL.shutdown()
                 _POOL = None
-                torch.set_num_threads(caller)
                 _UNUSABLE = ("this PyTorch build keeps one intra-op thread count for the whole "
                              "process (no OpenMP), so workers cannot each run on their own")
                 return None
         return _POOL
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why task groups run on the calling thread in this process, or None (not yet known
-    counts as available)."""
-    return _UNUSABLE
 
 
 def thread_state_active() -> Optional[str]:
@@ -189,22 +181,16 @@ def choose_task_threads(requested, fm, theta, x, y, batched: bool, strategy="vma
 
 
 def _gradient_seconds(fm, theta, x, y, strategy) -> float:
-    import time
+    from .batching import _best_of
 
-    T = x.shape[0]
-    phi = theta.expand(T, -1) if theta.dim() == 1 else theta
+    phi = theta.expand(x.shape[0], -1) if theta.dim() == 1 else theta
     strategy = "vmap" if strategy == "auto" else strategy
-    best = float("inf")
-    for i in range(4):  # a warm-up, then the best of three
-        t0 = time.perf_counter()
+
+    def gradient():
         fm.grad_and_losses(phi, x, y, strategy)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
 
-
-def clear_cache() -> None:
-    _CHOICES.clear()
+    gradient()  # warm-up
+    return _best_of(gradient, x.device, 3)
 
 
 def groups(T: int, n: int) -> List[Tuple[int, int]]:
