@@ -121,8 +121,10 @@ class IMAMLConfig:
         one call; an int n at most n groups; 1 one batched call on the calling thread.
         Tasks are independent until the final mean, so one group's Python dispatch overlaps
         the other's compute: the Omniglot meta-step took 6-15% (5-way) and 11% (20-way)
-        less time in two groups on two cores. Batched backends only; on a GPU "auto" means 1
-        and an int above 1 is an error. Same values up to rounding.
+        less time in two groups on two cores. Batched backends only, and not with
+        hvp="fwdrev" (forward-mode AD keeps one process-wide level: "auto" means 1 there, an
+        int above 1 is refused); on a GPU "auto" means 1 and an int above 1 is an error.
+        Same values up to rounding.
     """
 
     inner_solver: str = "gd"
@@ -185,6 +187,10 @@ class IMAMLConfig:
         tt = self.task_threads
         if isinstance(tt, bool) or not (tt == "auto" or (isinstance(tt, int) and tt >= 1)):
             _fail("task_threads", tt, "allowed values are 'auto' or an int >= 1")
+        if isinstance(tt, int) and tt > 1 and self.hvp == "fwdrev":
+            _fail("task_threads", tt, "hvp='fwdrev' runs forward-mode AD, whose dual level torch "
+                  "keeps for the whole process, so its products cannot run on concurrent "
+                  "threads: use task_threads=1 or 'auto', or hvp='revrev'")
         if self.layer_batching not in LAYER_BATCHING:
             _fail("layer_batching", self.layer_batching, f"allowed values are {LAYER_BATCHING}")
         if not isinstance(self.check_finite, bool):

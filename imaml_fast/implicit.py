@@ -24,7 +24,7 @@ from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
-from .threads import choose_task_threads, map_groups
+from .threads import choose_task_threads, groupable, map_groups
 from .validation import validate_episode
 
 
@@ -199,7 +199,7 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
     T = xs.shape[0]
-    n = choose_task_threads(config.task_threads, fm, theta, xs, ys, backend.batched,
+    n = choose_task_threads(config.task_threads, fm, theta, xs, ys, groupable(config, backend),
                             config.task_batching)
 
     def group(fm_g, a, b):

@@ -136,13 +136,21 @@ def thread_state_active() -> Optional[str]:
 AUTO_MAX_GROUPS = 2
 
 
-def resolve_task_threads(requested, device: torch.device, T: int, batched: bool) -> int:
-    """How many groups of tasks can run concurrently: 1 off the CPU, for the sequential
-    reference backend, for a single task, and for "auto" while thread_state_active() or on
-    one torch thread; else min(requested, T), "auto" meaning min(torch.get_num_threads(),
+def groupable(config, backend) -> bool:
+    """Whether a computation with this config (an IMAMLConfig) and backend can run in groups
+    at all: a batched backend (the reference path is sequential by design) and no
+    forward-mode AD (hvp="fwdrev": torch keeps one dual level for the whole process, so two
+    threads' jvp calls would enter and leave each other's level; IMAMLConfig refuses an int
+    task_threads above 1 with it)."""
+    return backend.batched and config.hvp != "fwdrev"
+
+
+def resolve_task_threads(requested, device: torch.device, T: int, groupable: bool) -> int:
+    """How many groups of tasks can run concurrently: 1 off the CPU, where not groupable(),
+    for a single task, and for "auto" while thread_state_active() or on one torch thread; else min(requested, T), "auto" meaning min(torch.get_num_threads(),
     AUTO_MAX_GROUPS). An int asks for groups whatever is active: modes, hooks and autocast
     then see the calling thread's work only."""
-    if requested == 1 or T < 2 or not batched:
+    if requested == 1 or T < 2 or not groupable:
         return 1
     if device.type != "cpu":
         if requested == "auto":
@@ -163,12 +171,13 @@ _CHOICES: Dict[Tuple, int] = {}
 _CHOICE_LOCK = threading.Lock()
 
 
-def choose_task_threads(requested, fm, theta, x, y, batched: bool, strategy="vmap") -> int:
+def choose_task_threads(requested, fm, theta, x, y, groupable: bool,
+                        strategy="vmap") -> int:
     """The number of groups a call runs: resolve_task_threads, and for "auto" with more than
     one group, one call where a batched support gradient over all tasks (the best of three
     after a warm-up, on the caller) takes less than _MIN_SECONDS; timed once per model
     structure, input shape, dtype and thread count, then cached."""
-    n = resolve_task_threads(requested, fm.device, x.shape[0], batched)
+    n = resolve_task_threads(requested, fm.device, x.shape[0], groupable)
     if requested != "auto" or n == 1:
         return n
     from .batching import _key

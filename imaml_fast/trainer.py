@@ -180,7 +180,7 @@ class IMAML:
         from .backends import resolve_backend
         from .batching import choose_strategy, step_counts
         from .inner import solve_inner
-        from .threads import choose_task_threads, map_groups
+        from .threads import choose_task_threads, groupable, map_groups
         from .validation import validate_episode
 
         theta = self._theta()
@@ -191,7 +191,7 @@ class IMAML:
         ops = backend.ops() if backend.batched else None
         with self._fm.engine_mode(c, backend):
             n = choose_task_threads(c.task_threads, self._fm, theta, x_support, y_support,
-                                    backend.batched, c.task_batching)
+                                    groupable(c, backend), c.task_batching)
 
             def group(fm, a, b):  # tasks [a, b), on a worker thread when n > 1
                 xs, ys = x_support[a:b], y_support[a:b]

@@ -291,3 +291,30 @@ def test_config_refuses_bad_task_threads():
         with pytest.raises(ValueError, match="IMAMLConfig.task_threads="):
             IMAMLConfig(task_threads=bad)
     assert IMAMLConfig(task_threads=3).task_threads == 3
+    with pytest.raises(ValueError, match=r"IMAMLConfig.task_threads=2 is invalid: hvp='fwdrev' "
+                                         r"runs forward-mode AD"):
+        IMAMLConfig(task_threads=2, hvp="fwdrev")
+    assert IMAMLConfig(task_threads=1, hvp="fwdrev").task_threads == 1
+
+
+@pytest.mark.parametrize("solver", ["gd", "hf"])
+def test_forward_mode_products_stay_in_one_group(monkeypatch, solver):
+    """hvp="fwdrev" runs torch.func.jvp, whose forward-AD level torch keeps for the whole
+    process: two threads' products would leave each other's level ("no level exists").
+    "auto" runs such a step in one group even where it would otherwise choose two, and it
+    equals the step pinned to one group."""
+    resolve = threads.resolve_task_threads
+    monkeypatch.setattr(threads, "resolve_task_threads",
+                        lambda req, *a: resolve(2 if req == "auto" else req, *a))
+    monkeypatch.setattr(threads, "_MIN_SECONDS", 0.0)  # two groups wherever allowed
+    model = conv_bn()
+    xs, ys, xq, yq = class_episode(4, 5, 3, (1, 6, 6), 3)
+    cfg = IMAMLConfig(inner_solver=solver, inner_steps=2, cg_steps=3, cg_tol=0.0,
+                      backend="torch", task_batching="loop", hvp="fwdrev")
+    ours = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+    assert ours.task_threads == 1
+    _assert_same(ours, meta_gradient(model, F.cross_entropy, xs, ys, xq, yq,
+                                     cfg.replace(task_threads=1)))
+    # the same step with products through a kept graph does run in two groups
+    assert meta_gradient(model, F.cross_entropy, xs, ys, xq, yq,
+                         cfg.replace(hvp="revrev")).task_threads == 2
