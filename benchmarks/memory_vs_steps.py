@@ -181,6 +181,11 @@ def markdown(payload):
                          f"{', '.join(map(str, steps))} (\"auto\" times the candidates in each "
                          f"fresh process and picks the fastest; the memory follows that choice, "
                          f"not K)")
+        groups = [str((r.get("info") or {}).get("task_threads")) for r in rows
+                  if r["impl"] == name and "task_threads" in (r.get("info") or {})]
+        if groups and name != "imaml_fast reference":
+            notes.append(f"{name} ran its tasks in {', '.join(groups)} group(s) on worker "
+                         f"threads (task_threads) for K = {', '.join(map(str, steps))}")
     notes += sorted({r["skipped"] for r in rows if "skipped" in r})
     out.append(bullet_list(notes))
     return "\n".join(out) + "\n"
@@ -264,7 +269,8 @@ def main(argv=None):
                 print(f"{name} K={K}: FAILED\n{r['error']}")
                 continue
             ran = r.get("info") or {}
-            ran = f", task_batching={ran['task_batching']}" if "task_batching" in ran else ""
+            ran = "".join(f", {k}={ran[k]}" for k in ("task_batching", "task_threads")
+                          if k in ran)
             print(f"{name:22s} K={K:3d}: peak {r['peak_after_step_mb']:7.1f} MiB, "
                   f"after set-up {r.get('rss_after_setup_mb', r.get('allocated_after_setup_mb')):7.1f} MiB, "
                   f"delta {r['delta_mb']:7.1f} MiB  ({r['step_s']:.1f} s{ran})", flush=True)
