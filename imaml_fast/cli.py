@@ -42,6 +42,7 @@ def _word_or_count(words, use: str, count: str):
 _task_batching = _word_or_count(("auto", "vmap", "loop"), "auto, vmap, loop or a chunk size",
                                 "a chunk size")
 _task_threads = _word_or_count(("auto",), "auto or a number of threads", "a number of threads")
+_task_chunk = _word_or_count(("all",), "all or a number of tasks", "a chunk of tasks")
 
 
 def _positive_int(value: str) -> int:
@@ -92,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task-batching", type=_task_batching, help="auto, vmap, loop or a chunk size")
     g.add_argument("--task-threads", type=_task_threads,
                    help="on the CPU, groups of tasks run concurrently, one per worker thread: "
-                        "auto (default: one per torch thread, where measured faster) or a number")
+                        "auto (default: two groups on two or more torch threads where one "
+                        "batched gradient takes 5 ms or more, else one call) or a number")
+    g.add_argument("--task-chunk", type=_task_chunk,
+                   help="at most this many tasks in flight: the meta-batch runs as consecutive "
+                        "chunks, each solved whole before the next (less memory, smaller "
+                        "batched calls; default: all, every task at once)")
     g.add_argument("--layer-derivatives", choices=LAYER_DERIVATIVES,
                    help="closed_form (default: imaml_fast.layers' second derivatives of "
                         "convolution and BatchNorm) or autograd (ATen's own)")
@@ -148,7 +154,7 @@ def _train(args) -> int:
     fields = {k: getattr(args, k) for k in (
         "steps", "tasks", "n_way", "k_shot", "q_query", "inner_solver", "inner_steps", "inner_lr",
         "inner_tol", "lam", "cg_steps", "cg_tol", "cg_damping", "cg_clip", "hvp", "backend",
-        "task_batching", "task_threads", "layer_derivatives", "tf32", "outer_lr")}
+        "task_batching", "task_threads", "task_chunk", "layer_derivatives", "tf32", "outer_lr")}
     fields.update(seed=args.seed, device=args.device, data_root=args.data_root,
                   checkpoint_every=args.checkpoint_every, nproc=args.nproc,
                   cuda_graphs=args.cuda_graphs, progress=not args.no_progress,

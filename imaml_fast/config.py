@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 INNER_SOLVERS = ("gd", "gd_armijo", "agd", "hf")
 HVP_MODES = ("auto", "fwdrev", "revrev")
@@ -125,6 +125,16 @@ class IMAMLConfig:
         hvp="fwdrev" (forward-mode AD keeps one process-wide level: "auto" means 1 there, an
         int above 1 is refused); on a GPU "auto" means 1 and an int above 1 is an error.
         Same values up to rounding.
+    task_chunk: at most this many tasks in flight at once. None (default): all T tasks
+        together. An int c runs the meta-batch as ceil(T / c) consecutive chunks of at most c
+        tasks (sizes as equal as they can be), each chunk's whole computation (inner solve,
+        query gradient, CG with its products) before the next, so a step needs one chunk's
+        working memory (its activations, the product graphs, CG's vectors) plus the [T, P]
+        results, at the cost of smaller batched calls. The batched engine keeps about ten
+        [T, P] buffers and every task's product graph at once: this is the knob for a large
+        T or model (README, Benchmarks: memory). task_threads' groups run inside each chunk.
+        Batched backends only (the reference backend runs one task at a time anyway). Same
+        values up to rounding.
     """
 
     inner_solver: str = "gd"
@@ -148,6 +158,7 @@ class IMAMLConfig:
     tf32: bool = False      # its meaning
     layer_batching: str = "auto"
     task_threads: Union[str, int] = "auto"
+    task_chunk: Optional[int] = None
 
     def __post_init__(self):
         if self.inner_solver not in INNER_SOLVERS:
@@ -191,6 +202,11 @@ class IMAMLConfig:
             _fail("task_threads", tt, "hvp='fwdrev' runs forward-mode AD, whose dual level torch "
                   "keeps for the whole process, so its products cannot run on concurrent "
                   "threads: use task_threads=1 or 'auto', or hvp='revrev'")
+        if self.task_chunk is not None:
+            c = self.task_chunk
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                _fail("task_chunk", c, "expected None (all tasks at once) or an int >= 1 (at "
+                      "most that many tasks in flight)")
         if self.layer_batching not in LAYER_BATCHING:
             _fail("layer_batching", self.layer_batching, f"allowed values are {LAYER_BATCHING}")
         if not isinstance(self.check_finite, bool):

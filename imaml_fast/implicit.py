@@ -11,7 +11,7 @@ so memory does not depend on the number of inner steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
-from .threads import choose_task_threads, groupable, map_groups
+from .threads import choose_task_threads, groupable, groups, map_groups
 from .validation import validate_episode
 
 
@@ -62,8 +62,11 @@ class MetaGradient:
     # [T] cosine between each task's meta-gradient and its first-order one (the query
     # gradient at phi_i): 1 where the implicit term only rescales it; see first_order_cosine()
     first_order_cosine: Optional[torch.Tensor] = None
-    # how many groups of tasks ran concurrently on CPU worker threads (IMAMLConfig.task_threads)
+    # how many groups of tasks ran concurrently on CPU worker threads (IMAMLConfig.task_threads;
+    # in each chunk, the last chunk's count)
     task_threads: int = 1
+    # how many chunks of tasks ran one after another (IMAMLConfig.task_chunk)
+    task_chunks: int = 1
 
 
 def inner_residual(grad_F: torch.Tensor, grad0_norm: Optional[torch.Tensor],
@@ -198,17 +201,23 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         from .backends.reference import meta_gradient_reference
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
-    T = xs.shape[0]
-    n = choose_task_threads(config.task_threads, fm, theta, xs, ys, groupable(config, backend),
-                            config.task_batching)
+    chunks = chunk_ranges(xs.shape[0], config.task_chunk)
+    done = []
+    for c0, c1 in chunks:  # one after another: one chunk's working memory at a time
+        th_c = theta if theta.dim() == 1 else theta[c0:c1]
+        xs_c, ys_c, xq_c, yq_c = xs[c0:c1], ys[c0:c1], xq[c0:c1], yq[c0:c1]
+        n = choose_task_threads(config.task_threads, fm, th_c, xs_c, ys_c,
+                                groupable(config, backend), config.task_batching)
 
-    def group(fm_g, a, b):
-        th = theta if theta.dim() == 1 else theta[a:b]
-        return _solve_tasks(fm_g, th, xs[a:b], ys[a:b], xq[a:b], yq[a:b], config, backend,
-                            shift, scale)
+        def group(fm_g, a, b):
+            th = th_c if th_c.dim() == 1 else th_c[a:b]
+            return _solve_tasks(fm_g, th, xs_c[a:b], ys_c[a:b], xq_c[a:b], yq_c[a:b], config,
+                                backend, shift, scale)
 
-    parts, n = map_groups(group, fm, T, n, config.task_threads)
-    part = parts[0] if len(parts) == 1 else _merge(parts)
+        parts, n = map_groups(group, fm, c1 - c0, n, config.task_threads)
+        done.append(parts[0] if len(parts) == 1 else _merge(parts))
+        del parts
+    part = done[0] if len(done) == 1 else _merge(done, sequential=True)
     return MetaGradient(
         grads=fm.unflatten(part.grads_flat), task_grads=fm.unflatten(part.task_flat),
         adapted=fm.unflatten(part.phi), cg_iters=part.cg_iters, cg_residual=part.cg_residual,
@@ -217,7 +226,16 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         grads_flat=part.grads_flat, task_grads_flat=part.task_flat, adapted_flat=part.phi,
         backend=backend.name, hvp=part.hvp_mode, task_batching=part.strategy,
         evals=part.evals, query_outputs=part.query_outputs, inner_steps=part.inner_steps,
-        first_order_cosine=part.cosine, task_threads=n)
+        first_order_cosine=part.cosine, task_threads=n, task_chunks=len(chunks))
+
+
+def chunk_ranges(T: int, chunk: Optional[int]) -> List[Tuple[int, int]]:
+    """The task ranges IMAMLConfig.task_chunk runs one after another: [(0, T)] for None,
+    else ceil(T / chunk) contiguous ranges of at most chunk tasks, sizes differing by at most
+    one (T = 10, chunk = 4: 4, 3, 3)."""
+    if chunk is None or chunk >= T:
+        return [(0, T)]
+    return groups(T, -(-T // chunk))
 
 
 @dataclass
@@ -246,11 +264,12 @@ _PER_TASK = ("task_flat", "phi", "cg_iters", "cg_residual", "cg_status", "cg_cli
              "inner_loss", "residual", "query_loss", "query_outputs", "inner_steps", "cosine")
 
 
-def _merge(parts) -> _Part:
+def _merge(parts, sequential: bool = False) -> _Part:
     """The groups' parts as one, tasks in order. The mean over all tasks is taken from the
     joined per-task gradients, as in one call; evals are the most any group made (each
-    group's batched calls run beside the others'), the strategy the first group's (all
-    groups' when they differ)."""
+    group's batched calls run beside the others'), or their sum for chunks that ran one
+    after another (sequential); the strategy the first group's (all groups' when they
+    differ)."""
     joined = {}
     for name in _PER_TASK:
         pieces = [getattr(p, name) for p in parts]
@@ -259,7 +278,8 @@ def _merge(parts) -> _Part:
     return _Part(**joined, grads_flat=joined["task_flat"].mean(0), hvp_mode=parts[0].hvp_mode,
                  strategy=strategies[0] if len(set(map(str, strategies))) == 1
                  else tuple(strategies),
-                 evals={k: max(p.evals[k] for p in parts) for k in parts[0].evals})
+                 evals={k: (sum if sequential else max)(p.evals[k] for p in parts)
+                        for k in parts[0].evals})
 
 
 def _solve_tasks(fm, theta, xs, ys, xq, yq, config, backend, shift, scale) -> _Part:

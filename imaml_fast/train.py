@@ -40,7 +40,7 @@ from .trainer import IMAML
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("steps", "device", "data_root", "out", "checkpoint_every", "progress",
                      "nproc", "cuda_graphs", "eval_every", "eval_tasks", "tf32",
-                     "task_threads")
+                     "task_threads", "task_chunk")
 _NO_CHECKPOINT = ("--resume but {path} does not exist: start the run without --resume, or "
                   "point --out at the run folder")
 EVAL_SEED = 2019
@@ -81,6 +81,9 @@ class RunSettings:
     backend: str = "auto"
     task_batching: object = "auto"
     task_threads: object = "auto"   # as IMAMLConfig's: speed only, so a resume may change it
+    # as IMAMLConfig's (None or "all": every task at once): memory only, so a resume may
+    # change it
+    task_chunk: object = None
     layer_derivatives: str = "closed_form"
     tf32: bool = False              # as IMAMLConfig's: rounding only, so a resume may change it
     outer_lr: float = 1e-3
@@ -142,7 +145,8 @@ class RunSettings:
                            hvp=self.hvp,
                            backend=self.backend, task_batching=self.task_batching,
                            layer_derivatives=self.layer_derivatives, tf32=self.tf32,
-                           task_threads=self.task_threads)
+                           task_threads=self.task_threads,
+                           task_chunk=None if self.task_chunk == "all" else self.task_chunk)
 
     def validate(self) -> None:
         for name in ("k_shot", "q_query", "tasks", "n_way", "checkpoint_every", "nproc"):

@@ -44,7 +44,7 @@ class MetaStepStats:
             "cg_clipped": int(r.cg_clipped.sum().item()),
             "grad_norm": r.grads_flat.norm().item(),
             "backend": r.backend, "hvp": r.hvp, "task_batching": r.task_batching,
-            "task_threads": r.task_threads,
+            "task_threads": r.task_threads, "task_chunks": r.task_chunks,
         }
 
 
@@ -179,6 +179,7 @@ class IMAML:
         """Inner solutions phi_i for T tasks, as {name: [T, ...]} (nothing is stepped)."""
         from .backends import resolve_backend
         from .batching import choose_strategy, step_counts
+        from .implicit import chunk_ranges
         from .inner import solve_inner
         from .threads import choose_task_threads, groupable, map_groups
         from .validation import validate_episode
@@ -189,18 +190,22 @@ class IMAML:
             validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
+        done = []
         with self._fm.engine_mode(c, backend):
-            n = choose_task_threads(c.task_threads, self._fm, theta, x_support, y_support,
-                                    groupable(c, backend), c.task_batching)
+            chunk = c.task_chunk if backend.batched else None  # the reference: one at a time
+            for c0, c1 in chunk_ranges(x_support.shape[0], chunk):  # one after another
+                xs_c, ys_c = x_support[c0:c1], y_support[c0:c1]
+                n = choose_task_threads(c.task_threads, self._fm, theta, xs_c, ys_c,
+                                        groupable(c, backend), c.task_batching)
 
-            def group(fm, a, b):  # tasks [a, b), on a worker thread when n > 1
-                xs, ys = x_support[a:b], y_support[a:b]
-                strategy = choose_strategy(c.task_batching, fm, theta, xs, ys,
-                                           **step_counts(c, inner_only=True))
-                return solve_inner(fm, theta, xs, ys, c, strategy, ops).phi
+                def group(fm, a, b):  # tasks [a, b) of the chunk, on a worker thread when n > 1
+                    xs, ys = xs_c[a:b], ys_c[a:b]
+                    strategy = choose_strategy(c.task_batching, fm, theta, xs, ys,
+                                               **step_counts(c, inner_only=True))
+                    return solve_inner(fm, theta, xs, ys, c, strategy, ops).phi
 
-            parts, _ = map_groups(group, self._fm, x_support.shape[0], n, c.task_threads)
-        return self._fm.unflatten(parts[0] if len(parts) == 1 else torch.cat(parts))
+                done += map_groups(group, self._fm, c1 - c0, n, c.task_threads)[0]
+        return self._fm.unflatten(done[0] if len(done) == 1 else torch.cat(done))
 
     def predict(self, adapted: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, M, ...] of each task's adapted parameters on x [T, M, ...]."""

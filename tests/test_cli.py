@@ -64,6 +64,24 @@ def test_flags_override_the_preset(monkeypatch, capsys):
     s = seen["s"]
     assert (s.n_way, s.k_shot, s.lam, s.inner_steps, s.task_batching, s.cg_steps) == (20, 5, 3.0, 7, 4, 5)
     assert s.task_threads == 2 and s.imaml_config().task_threads == 2
+    assert s.task_chunk is None and s.imaml_config().task_chunk is None
+
+
+@pytest.mark.parametrize("value,chunk", [("8", 8), ("all", None)])
+def test_task_chunk_flag(monkeypatch, capsys, value, chunk):
+    seen = {}
+    monkeypatch.setattr(train_mod, "train_multiprocess", lambda s, resume=False, max_seconds=None: seen.setdefault("s", s) and
+                        {"steps": 0, "seconds": 0.0, "last": {}, "curve": None})
+    run(["train", "omniglot-5w1s", "--task-chunk", value, "--out", "x", "--data-root", "d"], capsys)
+    assert seen["s"].imaml_config().task_chunk == chunk
+
+
+@pytest.mark.parametrize("value,says", [("0", "a chunk of tasks must be >= 1"),
+                                        ("some", "use all or a number of tasks")])
+def test_task_chunk_flag_refuses_what_is_not_a_count(capsys, value, says):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--task-chunk", value])
+    assert says in capsys.readouterr().err
 
 
 def test_warnings_read_as_the_commands_own_lines(monkeypatch, capsys):

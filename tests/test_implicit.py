@@ -408,3 +408,126 @@ def test_custom_operator_matches_exact_solve_on_both_backends():
         assert rel_err(r.task_grads_flat, exact) <= 1e-8
     with pytest.raises(ValueError, match="operator="):
         meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg, operator=(0.0, 1.0))
+
+
+# ---- task_chunk: consecutive chunks of tasks, each solved whole before the next ----------
+
+def test_chunk_ranges_cover_the_tasks_in_chunks_of_at_most_the_size():
+    from imaml_fast.implicit import chunk_ranges
+
+    assert chunk_ranges(7, None) == [(0, 7)] and chunk_ranges(7, 7) == [(0, 7)]
+    assert chunk_ranges(7, 9) == [(0, 7)] and chunk_ranges(10, 4) == [(0, 4), (4, 7), (7, 10)]
+    for T in range(1, 30):
+        for c in range(1, T + 1):
+            r = chunk_ranges(T, c)
+            assert len(r) == -(-T // c) and r[0][0] == 0 and r[-1][1] == T
+            assert all(b0 == a1 for (_, b0), (a1, _) in zip(r, r[1:]))
+            sizes = [b - a for a, b in r]
+            assert max(sizes) <= c and max(sizes) - min(sizes) <= 1
+
+
+CHUNK_PER_TASK = ("task_grads_flat", "adapted_flat", "cg_residual", "inner_loss",
+                  "inner_residual", "query_loss", "query_outputs", "first_order_cosine")
+CHUNK_EXACT = ("cg_iters", "cg_status", "cg_clipped", "inner_steps")
+
+
+def _chunk_case(T=7):
+    torch.manual_seed(3)
+    model = conv_bn()
+    xs, ys, xq, yq = class_episode(T, 5, 4, (1, 6, 6), 3)
+    cfg = IMAMLConfig(inner_steps=4, inner_lr=0.1, lam=1.0, cg_steps=6, cg_tol=0.0,
+                      task_batching="vmap", task_threads=1)
+    return model, (xs, ys, xq, yq), cfg
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("chunk,threads", [(3, 1), (2, 1), (4, 2), (1, 1)])
+def test_chunks_give_each_task_what_one_call_gives_it(backend, chunk, threads):
+    """T = 7 tasks in chunks of at most `chunk` (3: chunks of 3, 2, 2), one after another,
+    with task_threads' groups inside each chunk: every per-task field equals one call's to
+    float64 rounding, the mean is over all 7 tasks, the batched-call counts add up over the
+    chunks, and the reference path agrees."""
+    if backend == "cpp":
+        from imaml_fast import backend_info
+
+        if not {b["name"]: b["available"] for b in backend_info("cpu", DT)}["cpp"]:
+            pytest.skip("imaml_fast._C is not built")
+    model, ep, cfg = _chunk_case()
+    cfg = cfg.replace(backend=backend)
+    one = meta_gradient(model, F.cross_entropy, *ep, cfg)
+    ours = meta_gradient(model, F.cross_entropy, *ep,
+                         cfg.replace(task_chunk=chunk, task_threads=threads))
+    n_chunks = -(-7 // chunk)
+    assert one.task_chunks == 1 and ours.task_chunks == n_chunks
+    assert rel_err(ours.grads_flat, one.grads_flat) <= 1e-12
+    assert torch.allclose(ours.grads_flat, ours.task_grads_flat.mean(0), rtol=1e-13, atol=0)
+    for name in CHUNK_PER_TASK:
+        a, b = getattr(ours, name), getattr(one, name)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    for name in CHUNK_EXACT:
+        assert torch.equal(getattr(ours, name), getattr(one, name)), name
+    # the same batched calls per chunk as one call makes (a chunk of one task makes them too)
+    assert ours.evals == {k: n_chunks * v for k, v in one.evals.items()}
+    ref = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(backend="reference"))
+    assert rel_err(ours.task_grads_flat, ref.task_grads_flat) <= 1e-9
+
+
+@pytest.mark.parametrize("chunk,most", [(None, 7), (3, 3), (2, 2)])
+def test_chunks_bound_the_product_graphs_alive_at_once(monkeypatch, chunk, most):
+    """What task_chunk is for: at most `chunk` tasks' Hessian-vector-product graphs exist at
+    any time (all 7 without chunks), since each chunk's CG ends, and its graph is released,
+    before the next chunk starts."""
+    from imaml_fast import implicit
+
+    alive, peak = [0], [0]
+
+    class Counted(implicit.BatchedHVP):
+        def __init__(self, fm, phi, *args, **kw):
+            super().__init__(fm, phi, *args, **kw)
+            self._tasks = phi.shape[0]
+            alive[0] += self._tasks
+            peak[0] = max(peak[0], alive[0])
+
+        def release(self):
+            super().release()
+            alive[0] -= self._tasks
+
+    monkeypatch.setattr(implicit, "BatchedHVP", Counted)
+    model, ep, cfg = _chunk_case()
+    r = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(task_chunk=chunk, hvp="revrev"))
+    assert peak[0] == most and alive[0] == 0 and r.task_grads_flat.shape[0] == 7
+
+
+def test_chunked_adapt_and_meta_step_match_one_call():
+    """IMAML.adapt and a meta-step in chunks end where one call ends. (SGD: Adam's first step
+    is lr * sign(g), and the convolution bias before BatchNorm has a gradient of zero up to
+    rounding, whose sign differs between batch sizes.)"""
+    from imaml_fast import IMAML
+
+    results = {}
+    for chunk in (None, 3):
+        model, (xs, ys, xq, yq), cfg = _chunk_case()
+        learner = IMAML(model, F.cross_entropy, cfg.replace(task_chunk=chunk),
+                        torch.optim.SGD(model.parameters(), lr=0.1))
+        adapted = learner.adapt(xs, ys)
+        learner.meta_step(xs, ys, xq, yq)
+        results[chunk] = (adapted, {k: v.detach().clone() for k, v in model.named_parameters()})
+    for name, phi in results[None][0].items():
+        assert torch.allclose(results[3][0][name], phi, rtol=1e-12, atol=1e-12), name
+    for name, p in results[None][1].items():
+        assert torch.allclose(results[3][1][name], p, rtol=1e-12, atol=1e-12), name
+
+
+def test_the_reference_backend_runs_one_task_at_a_time_whatever_the_chunk():
+    model, ep, cfg = _chunk_case(T=4)
+    cfg = cfg.replace(backend="reference")
+    a = meta_gradient(model, F.cross_entropy, *ep, cfg)
+    b = meta_gradient(model, F.cross_entropy, *ep, cfg.replace(task_chunk=2))
+    assert b.task_chunks == 1 and torch.equal(a.task_grads_flat, b.task_grads_flat)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "4"])
+def test_task_chunk_refuses_what_is_not_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"IMAMLConfig.task_chunk=.*None \(all tasks at once\) "
+                                         r"or an int >= 1"):
+        IMAMLConfig(task_chunk=bad)

@@ -537,6 +537,22 @@ def test_task_threads_may_change_on_resume(tmp_path):
         assert torch.allclose(params(split)[k], v, rtol=1e-5, atol=1e-7), k
 
 
+def test_task_chunk_may_change_on_resume(tmp_path):
+    """Chunks of tasks bound a step's memory, not what it computes: a run trained in chunks
+    of 2 and resumed with every task at once ("all", as --task-chunk all gives) ends where a
+    run without chunks ends, up to rounding."""
+    from imaml_fast.train import RESUMABLE_CHANGES
+
+    assert "task_chunk" in RESUMABLE_CHANGES
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(sin_settings(whole))
+    train(sin_settings(split, task_chunk=2), stop_after=3)
+    assert load_checkpoint(split / "checkpoint.pt")["settings"]["task_chunk"] == 2
+    train(sin_settings(split, task_chunk="all"), resume=True)
+    for k, v in params(whole).items():
+        assert torch.allclose(params(split)[k], v, rtol=1e-5, atol=1e-7), k
+
+
 def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_identically(tmp_path):
     """max_seconds ends the run at the first step past the limit (here: the first step),
     with a checkpoint; resuming then ends bit-identical to an uninterrupted run."""
