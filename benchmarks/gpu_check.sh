@@ -101,6 +101,9 @@ log "peak GPU memory against inner steps K: iMAML flat, unrolled MAML (higher) g
 timeout 150 $PY benchmarks/memory_vs_steps.py --device cuda --tasks 32 --steps 5 20 80 \
   --impls "imaml_fast default" "higher unrolled MAML" --out "$RESULTS" 2>&1 \
   | tee "$RESULTS/memory_vs_steps.txt" || fail "memory_vs_steps"; pack
+log "peak GPU memory and time against task_chunk (tasks in flight), T = 32"
+timeout 180 $PY benchmarks/memory_vs_chunk.py --device cuda --chunks 0 16 8 4 1 --out "$RESULTS" \
+  2>&1 | tee "$RESULTS/memory_vs_chunk.txt" || fail "memory_vs_chunk"; pack
 fi
 
 if want compare20; then
