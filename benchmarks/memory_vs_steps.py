@@ -132,6 +132,22 @@ def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu"):
     return json.loads(lines[-1])
 
 
+def measure_median(name, K, args) -> dict:
+    """measure() in args.repeats fresh processes: the run with the median delta_mb (the
+    first error or skip as is), every run's delta and peak kept in "samples"."""
+    runs = []
+    for _ in range(max(1, args.repeats)):
+        r = measure(name, K, args.tasks, args.n_way, args.threads, device=args.device)
+        if "delta_mb" not in r:
+            return r
+        runs.append(r)
+    mid = sorted(runs, key=lambda r: r["delta_mb"])[(len(runs) - 1) // 2]
+    if len(runs) > 1:
+        mid = {**mid, "samples": [{"delta_mb": r["delta_mb"],
+                                   "peak_after_step_mb": r["peak_after_step_mb"]} for r in runs]}
+    return mid
+
+
 def markdown(payload):
     from peers.common import bullet_list, meta_line
 
@@ -142,9 +158,12 @@ def markdown(payload):
            f"fresh subprocess per point; authors' Omniglot network, {st['n_way']}-way 1-shot, "
            f"T = {st['tasks']}, lam = 2, inner lr 0.1, 5 CG steps, float32. Each cell: "
            + (f"peak of torch.cuda.max_memory_allocated during the step minus the memory "
-              f"allocated after set-up, MiB (the peak in parentheses).\n" if meta.get("gpu") else
+              f"allocated after set-up, MiB (the peak in parentheses)" if meta.get("gpu") else
               f"peak RSS after the step minus RSS after imports and set-up, MiB (peak RSS in "
-              f"parentheses).\n"),
+              f"parentheses)")
+           + (f"; the median of {st['repeats']} fresh processes per point (the run with the "
+              f"median of the first figure; every run's figures in the JSON, ranges below)"
+              if st.get("repeats", 1) > 1 else "") + ".\n",
            "| implementation | " + " | ".join(f"K = {k}" for k in steps) +
            " | growth K=" + f"{steps[0]}->{steps[-1]} |",
            "| --- | " + " | ".join("---:" for _ in steps) + " | ---: |"]
@@ -186,6 +205,12 @@ def markdown(payload):
         if groups and name != "imaml_fast reference":
             notes.append(f"{name} ran its tasks in {', '.join(groups)} group(s) on worker "
                          f"threads (task_threads) for K = {', '.join(map(str, steps))}")
+    for name in st["impls"]:
+        spans = [f"K = {r['K']}: {min(x['delta_mb'] for x in r['samples']):.0f}-"
+                 f"{max(x['delta_mb'] for x in r['samples']):.0f}"
+                 for r in rows if r["impl"] == name and "samples" in r]
+        if spans:
+            notes.append(f"{name}, the runs' range (MiB above set-up): " + "; ".join(spans))
     notes += sorted({r["skipped"] for r in rows if "skipped" in r})
     out.append(bullet_list(notes))
     return "\n".join(out) + "\n"
@@ -234,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--n-way", type=int, default=5)
     ap.add_argument("--impls", nargs="+", default=IMPLS)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fresh processes per point; the table shows the one with the median "
+                         "delta (every run's figures in the JSON)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--replot", action="store_true",
                     help="only rewrite the markdown and the plot from the saved JSON")
@@ -260,7 +288,7 @@ def main(argv=None):
     rows = []
     for name in args.impls:
         for K in args.steps:
-            r = measure(name, K, args.tasks, args.n_way, args.threads, device=args.device)
+            r = measure_median(name, K, args)
             rows.append(r)
             if "skipped" in r:
                 print(f"{name}: {r['skipped']}")
@@ -277,7 +305,7 @@ def main(argv=None):
     meta = run_meta("benchmarks/memory_vs_steps.py", {
         "steps": args.steps, "tasks": args.tasks, "n_way": args.n_way, "shots": 1,
         "queries": 1, "cg_steps": 5, "lam": 2.0, "inner_lr": 0.1, "impls": args.impls,
-        "threads": args.threads,
+        "threads": args.threads, "repeats": args.repeats,
         "method": ("fresh subprocess per point; torch.cuda.max_memory_allocated during one "
                    "meta-step (peak mark reset after set-up) minus torch.cuda.memory_allocated "
                    "after set-up" if torch.device(args.device).type == "cuda" else
