@@ -100,7 +100,7 @@ class IMAMLConfig:
         whole implicit CG solve in one kernel launch (small models); "never" keeps the
         matrix-free solve; "auto" is matrix-free too: materialising measured slower for every
         model size tried, on the CPU and on a GPU (imaml_fast.dense). "always" refuses
-        Hessians of more than 2 GiB.
+        Hessians of more than 2 GiB at once (one chunk's, with task_chunk).
     layer_derivatives: "closed_form" (default) builds the graphs that Hessian-vector products
         differentiate with imaml_fast.layers: convolutions and BatchNorm (batch statistics)
         whose second derivatives are written out instead of autograd's differentiation of

@@ -190,18 +190,20 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
     if config.cg_dense == "always" and "dense_cg" not in backend.ops():
         raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "
                          f"use backend 'torch', 'triton', 'cpp' or 'cuda'")
+    chunks = chunk_ranges(xs.shape[0], config.task_chunk)
     if config.cg_dense == "always" and config.cg_steps > 0:
-        need = dense_bytes(xs.shape[0], theta.shape[-1], theta.dtype)
+        in_flight = max(b - a for a, b in chunks)  # the Hessians of one chunk exist at once
+        need = dense_bytes(in_flight, theta.shape[-1], theta.dtype)
         if need > DENSE_MAX_BYTES:
             raise ValueError(f"cg_dense='always' would materialise {need / 2**30:.1f} GiB of "
-                             f"Hessians ({xs.shape[0]} tasks x {theta.shape[-1]}^2 parameters), "
+                             f"Hessians ({in_flight} tasks x {theta.shape[-1]}^2 parameters), "
                              f"more than the {DENSE_MAX_BYTES / 2**30:.0f} GiB the dense path "
-                             f"allows: use cg_dense='auto' (matrix-free) or fewer tasks per call")
+                             f"allows: use cg_dense='auto' (matrix-free) or fewer tasks at "
+                             f"once (a smaller task_chunk)")
     if not backend.batched:
         from .backends.reference import meta_gradient_reference
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
-    chunks = chunk_ranges(xs.shape[0], config.task_chunk)
     done = []
     for c0, c1 in chunks:  # one after another: one chunk's working memory at a time
         th_c = theta if theta.dim() == 1 else theta[c0:c1]
