@@ -122,10 +122,17 @@ def _cuda_point(impl, ep, impl_name, K, device) -> dict:
             "info": result.info}
 
 
-def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu"):
+# --freed-returned: glibc maps every block of 128 KiB or more on its own and returns it when
+# freed, so the peak RSS is close to the most the step holds at once (without it glibc keeps
+# freed memory in its arenas, and how much depends on the order of allocations and frees)
+FREED_RETURNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu", env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl_name, str(K), str(T),
            str(n_way), str(threads or 0), str(device)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         return {"impl": impl_name, "K": K, "error": (out.stderr or out.stdout)[-2000:]}
@@ -134,10 +141,12 @@ def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu"):
 
 def measure_median(name, K, args) -> dict:
     """measure() in args.repeats fresh processes: the run with the median delta_mb (the
-    first error or skip as is), every run's delta and peak kept in "samples"."""
+    lower middle one for an even count; the first error or skip as is), every run's delta
+    and peak kept in "samples"."""
     runs = []
     for _ in range(max(1, args.repeats)):
-        r = measure(name, K, args.tasks, args.n_way, args.threads, device=args.device)
+        r = measure(name, K, args.tasks, args.n_way, args.threads, device=args.device,
+                    env=FREED_RETURNED_ENV if args.freed_returned else None)
         if "delta_mb" not in r:
             return r
         runs.append(r)
@@ -162,8 +171,12 @@ def markdown(payload):
               f"peak RSS after the step minus RSS after imports and set-up, MiB (peak RSS in "
               f"parentheses)")
            + (f"; the median of {st['repeats']} fresh processes per point (the run with the "
-              f"median of the first figure; every run's figures in the JSON, ranges below)"
-              if st.get("repeats", 1) > 1 else "") + ".\n",
+              f"median of the first figure, the lower middle one for an even count; every "
+              f"run's figures in the JSON, ranges below)"
+              if st.get("repeats", 1) > 1 else "")
+           + ("; glibc returned every freed block of 128 KiB or more at once "
+              "(MALLOC_MMAP_THRESHOLD_=131072), so the peak is close to what the step holds "
+              "at once" if st.get("freed_returned") else "") + ".\n",
            "| implementation | " + " | ".join(f"K = {k}" for k in steps) +
            " | growth K=" + f"{steps[0]}->{steps[-1]} |",
            "| --- | " + " | ".join("---:" for _ in steps) + " | ---: |"]
@@ -259,6 +272,12 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--n-way", type=int, default=5)
     ap.add_argument("--impls", nargs="+", default=IMPLS)
+    ap.add_argument("--freed-returned", action="store_true",
+                    help="CPU: run every point with MALLOC_MMAP_THRESHOLD_=131072, so that "
+                         "glibc returns freed blocks at once and the peak RSS is close to what "
+                         "the step holds (slower steps)")
+    ap.add_argument("--name", default="memory_vs_steps",
+                    help="base name of the .json, .md and .png written")
     ap.add_argument("--repeats", type=int, default=1,
                     help="fresh processes per point; the table shows the one with the median "
                          "delta (every run's figures in the JSON)")
@@ -279,10 +298,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out_dir = args.out or results_dir(args.device)
     if args.replot:
-        with open(os.path.join(out_dir, "memory_vs_steps.json")) as f:
+        with open(os.path.join(out_dir, args.name + ".json")) as f:
             payload = json.load(f)
-        print("wrote", write_text("memory_vs_steps.md", markdown(payload), out_dir))
-        print("wrote", plot(payload, os.path.join(out_dir, "memory_vs_steps.png")))
+        print("wrote", write_text(args.name + ".md", markdown(payload), out_dir))
+        print("wrote", plot(payload, os.path.join(out_dir, args.name + ".png")))
         return payload
     t0 = time.perf_counter()
     rows = []
@@ -306,6 +325,7 @@ def main(argv=None):
         "steps": args.steps, "tasks": args.tasks, "n_way": args.n_way, "shots": 1,
         "queries": 1, "cg_steps": 5, "lam": 2.0, "inner_lr": 0.1, "impls": args.impls,
         "threads": args.threads, "repeats": args.repeats,
+        "freed_returned": bool(args.freed_returned),
         "method": ("fresh subprocess per point; torch.cuda.max_memory_allocated during one "
                    "meta-step (peak mark reset after set-up) minus torch.cuda.memory_allocated "
                    "after set-up" if torch.device(args.device).type == "cuda" else
@@ -315,9 +335,9 @@ def main(argv=None):
         device=args.device)
     meta["wall_s"] = time.perf_counter() - t0
     payload = {"meta": meta, "rows": rows}
-    print("\nwrote", write_json("memory_vs_steps.json", payload, out_dir))
-    print("wrote", write_text("memory_vs_steps.md", markdown(payload), out_dir))
-    png = plot(payload, os.path.join(out_dir, "memory_vs_steps.png"))
+    print("\nwrote", write_json(args.name + ".json", payload, out_dir))
+    print("wrote", write_text(args.name + ".md", markdown(payload), out_dir))
+    png = plot(payload, os.path.join(out_dir, args.name + ".png"))
     if png:
         print("wrote", png)
     return payload
