@@ -200,7 +200,7 @@ def main(argv=None):
 
     import torch
 
-    from peers.common import results_dir, run_meta, write_json, write_text
+    from peers.common import results_dir, run_meta, write_figure_files
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,11 +237,7 @@ def main(argv=None):
             device=args.device)
         meta["wall_s"] = time.perf_counter() - t0
         payload = {"meta": meta, "rows": rows}
-        print("\nwrote", write_json("memory_vs_chunk.json", payload, out_dir))
-    print("wrote", write_text("memory_vs_chunk.md", markdown(payload), out_dir))
-    png = plot(payload, os.path.join(out_dir, "memory_vs_chunk.png"))
-    if png:
-        print("wrote", png)
+    write_figure_files("memory_vs_chunk", payload, markdown, plot, out_dir, raw=not args.replot)
     return payload
 
 

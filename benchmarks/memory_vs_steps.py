@@ -292,7 +292,7 @@ def main(argv=None):
 
     import torch
 
-    from peers.common import results_dir, run_meta, write_json, write_text
+    from peers.common import results_dir, run_meta, write_figure_files
 
     if args.threads:  # the subprocesses set it themselves; this makes the metadata say so
         torch.set_num_threads(args.threads)
@@ -300,8 +300,7 @@ def main(argv=None):
     if args.replot:
         with open(os.path.join(out_dir, args.name + ".json")) as f:
             payload = json.load(f)
-        print("wrote", write_text(args.name + ".md", markdown(payload), out_dir))
-        print("wrote", plot(payload, os.path.join(out_dir, args.name + ".png")))
+        write_figure_files(args.name, payload, markdown, plot, out_dir, raw=False)
         return payload
     t0 = time.perf_counter()
     rows = []
@@ -335,11 +334,7 @@ def main(argv=None):
         device=args.device)
     meta["wall_s"] = time.perf_counter() - t0
     payload = {"meta": meta, "rows": rows}
-    print("\nwrote", write_json(args.name + ".json", payload, out_dir))
-    print("wrote", write_text(args.name + ".md", markdown(payload), out_dir))
-    png = plot(payload, os.path.join(out_dir, args.name + ".png"))
-    if png:
-        print("wrote", png)
+    write_figure_files(args.name, payload, markdown, plot, out_dir)
     return payload
 
 

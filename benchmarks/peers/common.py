@@ -182,6 +182,20 @@ def write_results(json_path: str, payload: Dict, md: str) -> None:
     write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
 
 
+def write_figure_files(name: str, payload: Dict, markdown, plot, out_dir: str,
+                       raw: bool = True) -> None:
+    """A figure script's files in out_dir: name.json (the raw payload; raw=False, as for
+    --replot, keeps the one there), name.md (markdown(payload)) and name.png
+    (plot(payload, path), which returns None where matplotlib is missing); each path
+    printed."""
+    if raw:
+        print("\nwrote", write_json(name + ".json", payload, out_dir))
+    print("wrote", write_text(name + ".md", markdown(payload), out_dir))
+    png = plot(payload, os.path.join(out_dir, name + ".png"))
+    if png:
+        print("wrote", png)
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (plots are optional)."""
     try:
