@@ -120,9 +120,9 @@ def clip_to_minimiser_bound(g: torch.Tensor, b: torch.Tensor, margin: float, dot
     return g * factor.to(g.dtype).unsqueeze(-1), clipped
 
 
-def _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F):
+def _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_known: bool):
     """The support gradient at phi (unless grad F there is known) and the support losses."""
-    if grad_F is not None:
+    if grad_known:
         return None, fm.losses(phi, xs, ys, strategy)
     return fm.grad_and_losses(phi, xs, ys, strategy)
 
@@ -296,27 +296,33 @@ def _solve_tasks(fm, theta, xs, ys, xq, yq, config, backend, shift, scale) -> _P
                                                            return_outputs=True)
         T = phi.shape[0]
         hvp_calls = 0
-        # grad F(phi) for the inner residual: the inner solver's, else the support gradient
-        # the HVP's graph computes anyway (revrev), else one support gradient more
-        grad_F = inner.final_grad
-        support_grad, extra_grad = None, int(grad_F is None)
+        # grad F(phi) for the inner residual: the inner solver's, reduced to the [T] residual
+        # at once (no [T, P] kept through the CG solve), else the support gradient the HVP's
+        # graph computes anyway (revrev), else one support gradient more
+        dot = ops.get("batched_dot", batched_dot)
+        residual = None
+        if inner.final_grad is not None:
+            residual = inner_residual(inner.final_grad, inner.grad0_norm, dot)
+            inner.final_grad = None
+        known = residual is not None
+        support_grad, extra_grad = None, int(not known)
         if config.cg_steps == 0:
             # First-order approximation: (I + H/lam)^-1 replaced by I.
             task_flat = gq
-            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F)
+            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, known)
             cg_iters = torch.zeros(T, dtype=torch.long, device=phi.device)
             cg_residual = batched_dot(gq, gq).sqrt()
             cg_status = torch.full((T,), CG_MAX_ITER, dtype=torch.int8, device=phi.device)
         elif _use_dense(config, ops):
             H = support_hessians(fm, phi, xs, ys, strategy)
-            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, grad_F)
+            support_grad, inner_loss = _support_grad_and_losses(fm, phi, xs, ys, strategy, known)
             task_flat, cg_iters, cg_residual, cg_status = ops["dense_cg"](
                 H, gq, shift, scale, config.cg_steps, config.cg_tol)
             hvp_mode = "dense"
         else:
-            hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy, need_grad=grad_F is None)
+            hvp = BatchedHVP(fm, phi, xs, ys, hvp_mode, strategy, need_grad=not known)
             inner_loss, support_grad = hvp.losses, hvp.grad
-            extra_grad = int(grad_F is None and hvp.mode != "revrev")
+            extra_grad = int(not known and hvp.mode != "revrev")
             # (shift I + scale H) v in place on the product's fresh buffer: one pass over
             # [T, P] instead of three allocations
             sol = cg_solve(lambda v: hvp(v).mul_(scale).add_(v, alpha=shift), gq,
@@ -324,15 +330,14 @@ def _solve_tasks(fm, theta, xs, ys, xq, yq, config, backend, shift, scale) -> _P
             hvp_calls = hvp.calls
             hvp.release()
             task_flat, cg_iters, cg_residual, cg_status = sol.x, sol.iters, sol.residual, sol.status
-        dot = ops.get("batched_dot", batched_dot)
         if config.cg_clip and config.cg_steps > 0:
             task_flat, cg_clipped = clip_to_minimiser_bound(task_flat, gq,
                                                             shift - scale * config.lam, dot)
         else:
             cg_clipped = torch.zeros(T, dtype=torch.bool, device=phi.device)
-        if grad_F is None:
+        if residual is None:
             grad_F = support_grad.to(phi.dtype) + config.lam * (phi - theta)
-        residual = inner_residual(grad_F, inner.grad0_norm, dot)
+            residual = inner_residual(grad_F, inner.grad0_norm, dot)
         cosine = first_order_cosine(task_flat, gq, dot)
         grads_flat = task_flat.mean(0)
     return _Part(task_flat=task_flat, phi=phi, cg_iters=cg_iters, cg_residual=cg_residual,

@@ -531,3 +531,36 @@ def test_task_chunk_refuses_what_is_not_a_positive_int(bad):
     with pytest.raises(ValueError, match=r"IMAMLConfig.task_chunk=.*None \(all tasks at once\) "
                                          r"or an int >= 1"):
         IMAMLConfig(task_chunk=bad)
+
+
+def test_the_inner_gradient_is_reduced_to_the_residual_before_the_cg_solve(monkeypatch):
+    """gd_armijo knows grad F at phi; the engine reduces it to the [T] inner residual before
+    the products start, so no [T, P] of it lives through the CG solve, and the residual is
+    the one that gradient gives: ||grad L_support(phi) + lam (phi - theta)|| / ||grad F(theta)||."""
+    from imaml_fast import implicit
+
+    seen = {}
+    solve_inner = implicit.solve_inner
+
+    def spy_inner(*args, **kw):
+        seen["inner"] = solve_inner(*args, **kw)
+        seen["had_grad"] = seen["inner"].final_grad is not None
+        return seen["inner"]
+
+    class Spy(implicit.BatchedHVP):
+        def __init__(self, *args, **kw):
+            seen["held_at_cg"] = seen["inner"].final_grad is not None
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(implicit, "solve_inner", spy_inner)
+    monkeypatch.setattr(implicit, "BatchedHVP", Spy)
+    model, (xs, ys, xq, yq), cfg = _chunk_case(T=3)
+    cfg = cfg.replace(inner_solver="gd_armijo", hvp="revrev")
+    r = meta_gradient(model, F.cross_entropy, xs, ys, xq, yq, cfg)
+    assert seen["had_grad"] and not seen["held_at_cg"]
+    theta = flat_params(model)
+    for i in range(3):
+        f = task_loss_fn(model, F.cross_entropy, xs[i], ys[i])
+        g_phi, g_theta = grad(f, r.adapted_flat[i]), grad(f, theta)
+        want = (g_phi + cfg.lam * (r.adapted_flat[i] - theta)).norm() / g_theta.norm()
+        assert torch.allclose(r.inner_residual[i], want, rtol=1e-9), i
