@@ -10,7 +10,8 @@
 # GPU_CHECK_ONLY="memory triton compare20 cg kernels
 # precision dense profile" (about 6). Every step has its
 # own time limit, and the most important ones run first, so that a run cut short still
-# leaves what it finished.
+# leaves what it finished. The memory step now also runs memory_vs_chunk.py (memory and time
+# against task_chunk; not yet timed on a GPU, limited to 3 minutes).
 #
 #   bash benchmarks/gpu_check.sh            # then commit benchmarks/results/<gpu>/
 #
