@@ -11,7 +11,7 @@ so memory does not depend on the number of inner steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .dense import DENSE_MAX_BYTES, dense_bytes, support_hessians
 from .functional import FunctionalModel
 from .hvp import BatchedHVP, resolve_hvp_mode
 from .inner import solve_inner
-from .threads import choose_task_threads, groupable, groups, map_groups
+from .threads import chunk_ranges, map_chunks
 from .validation import validate_episode
 
 
@@ -190,9 +190,9 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
     if config.cg_dense == "always" and "dense_cg" not in backend.ops():
         raise ValueError(f"cg_dense='always' but backend={backend.name!r} has no dense CG; "
                          f"use backend 'torch', 'triton', 'cpp' or 'cuda'")
-    chunks = chunk_ranges(xs.shape[0], config.task_chunk)
     if config.cg_dense == "always" and config.cg_steps > 0:
-        in_flight = max(b - a for a, b in chunks)  # the Hessians of one chunk exist at once
+        # the Hessians of one chunk exist at once
+        in_flight = max(b - a for a, b in chunk_ranges(xs.shape[0], config.task_chunk))
         need = dense_bytes(in_flight, theta.shape[-1], theta.dtype)
         if need > DENSE_MAX_BYTES:
             raise ValueError(f"cg_dense='always' would materialise {need / 2**30:.1f} GiB of "
@@ -204,21 +204,14 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         from .backends.reference import meta_gradient_reference
 
         return meta_gradient_reference(fm, theta, xs, ys, xq, yq, config, (shift, scale))
-    done = []
-    for c0, c1 in chunks:  # one after another: one chunk's working memory at a time
-        th_c = theta if theta.dim() == 1 else theta[c0:c1]
-        xs_c, ys_c, xq_c, yq_c = xs[c0:c1], ys[c0:c1], xq[c0:c1], yq[c0:c1]
-        n = choose_task_threads(config.task_threads, fm, th_c, xs_c, ys_c,
-                                groupable(config, backend), config.task_batching)
+    def group(fm_g, a, b):
+        th = theta if theta.dim() == 1 else theta[a:b]
+        return _solve_tasks(fm_g, th, xs[a:b], ys[a:b], xq[a:b], yq[a:b], config, backend,
+                            shift, scale)
 
-        def group(fm_g, a, b):
-            th = th_c if th_c.dim() == 1 else th_c[a:b]
-            return _solve_tasks(fm_g, th, xs_c[a:b], ys_c[a:b], xq_c[a:b], yq_c[a:b], config,
-                                backend, shift, scale)
-
-        parts, n = map_groups(group, fm, c1 - c0, n, config.task_threads)
-        done.append(parts[0] if len(parts) == 1 else _merge(parts))
-        del parts
+    # chunks one after another (one chunk's working memory at a time), groups within each
+    per_chunk, n = map_chunks(group, fm, theta, xs, ys, config, backend, config.task_chunk)
+    done = [parts[0] if len(parts) == 1 else _merge(parts) for parts in per_chunk]
     part = done[0] if len(done) == 1 else _merge(done, sequential=True)
     return MetaGradient(
         grads=fm.unflatten(part.grads_flat), task_grads=fm.unflatten(part.task_flat),
@@ -228,16 +221,8 @@ def _meta_gradient_flat(fm, xs, ys, xq, yq, config, theta, operator, validate_va
         grads_flat=part.grads_flat, task_grads_flat=part.task_flat, adapted_flat=part.phi,
         backend=backend.name, hvp=part.hvp_mode, task_batching=part.strategy,
         evals=part.evals, query_outputs=part.query_outputs, inner_steps=part.inner_steps,
-        first_order_cosine=part.cosine, task_threads=n, task_chunks=len(chunks))
+        first_order_cosine=part.cosine, task_threads=n, task_chunks=len(done))
 
-
-def chunk_ranges(T: int, chunk: Optional[int]) -> List[Tuple[int, int]]:
-    """The task ranges IMAMLConfig.task_chunk runs one after another: [(0, T)] for None,
-    else ceil(T / chunk) contiguous ranges of at most chunk tasks, sizes differing by at most
-    one (T = 10, chunk = 4: 4, 3, 3)."""
-    if chunk is None or chunk >= T:
-        return [(0, T)]
-    return groups(T, -(-T // chunk))
 
 
 @dataclass

@@ -31,6 +31,9 @@ hand-batched layers never touch it). Per-task numbers are the same computation w
 grouping, up to the floating-point rounding of the per-group batched calls (bit for bit the
 same in every comparison so far).
 
+Chunks (IMAMLConfig.task_chunk): map_chunks runs a call's tasks as consecutive chunks, each
+in its groups, one chunk after another, so that at most a chunk's tasks are in flight.
+
 Thread counts: PyTorch's CPU builds run ATen on OpenMP, whose thread count is per calling
 thread. Each worker sets its own when it starts; the caller's count is restored. Where the
 count turns out to be process-wide (a build without OpenMP), no worker pool is used and
@@ -259,3 +262,30 @@ def map_groups(fn: Callable, fm, T: int, n: int, requested="auto") -> Tuple[list
     futures = [pool.pool.submit(run, i, a, b) for i, (a, b) in enumerate(groups(T, n))]
     wait(futures)
     return [f.result() for f in futures], n
+
+
+def chunk_ranges(T: int, chunk: Optional[int]) -> List[Tuple[int, int]]:
+    """The task ranges IMAMLConfig.task_chunk runs one after another: [(0, T)] for None,
+    else ceil(T / chunk) contiguous ranges of at most chunk tasks, sizes differing by at most
+    one (T = 10, chunk = 4: 4, 3, 3)."""
+    if chunk is None or chunk >= T:
+        return [(0, T)]
+    return groups(T, -(-T // chunk))
+
+
+def map_chunks(fn: Callable, fm, theta, x, y, config, backend,
+               chunk: Optional[int]) -> Tuple[List[list], int]:
+    """How a call schedules its T tasks: the chunks of chunk_ranges(T, chunk) one after
+    another (IMAMLConfig.task_chunk), and inside each chunk the groups that
+    choose_task_threads picks for it, through map_groups. fn(fm_i, a, b) computes tasks
+    [a, b) of the whole batch. Returns each chunk's list of group results, in task order,
+    and the number of groups the last chunk ran."""
+    out, n = [], 1
+    for c0, c1 in chunk_ranges(x.shape[0], chunk):
+        th = theta if theta.dim() == 1 else theta[c0:c1]
+        n = choose_task_threads(config.task_threads, fm, th, x[c0:c1], y[c0:c1],
+                                groupable(config, backend), config.task_batching)
+        parts, n = map_groups(lambda fm_i, a, b, c0=c0: fn(fm_i, c0 + a, c0 + b), fm, c1 - c0,
+                              n, config.task_threads)
+        out.append(parts)
+    return out, n

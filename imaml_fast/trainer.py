@@ -179,9 +179,8 @@ class IMAML:
         """Inner solutions phi_i for T tasks, as {name: [T, ...]} (nothing is stepped)."""
         from .backends import resolve_backend
         from .batching import choose_strategy, step_counts
-        from .implicit import chunk_ranges
         from .inner import solve_inner
-        from .threads import choose_task_threads, groupable, map_groups
+        from .threads import map_chunks
         from .validation import validate_episode
 
         theta = self._theta()
@@ -190,22 +189,18 @@ class IMAML:
             validate_episode(self._fm, theta, x_support, y_support, x_support, y_support)
         backend = resolve_backend(c.backend, self._fm.device, self._fm.dtype)
         ops = backend.ops() if backend.batched else None
-        done = []
+        def group(fm, a, b):  # tasks [a, b), on a worker thread when groups run
+            xs, ys = x_support[a:b], y_support[a:b]
+            strategy = choose_strategy(c.task_batching, fm, theta, xs, ys,
+                                       **step_counts(c, inner_only=True))
+            return solve_inner(fm, theta, xs, ys, c, strategy, ops).phi
+
+        chunk = c.task_chunk if backend.batched else None  # the reference: one at a time
         with self._fm.engine_mode(c, backend):
-            chunk = c.task_chunk if backend.batched else None  # the reference: one at a time
-            for c0, c1 in chunk_ranges(x_support.shape[0], chunk):  # one after another
-                xs_c, ys_c = x_support[c0:c1], y_support[c0:c1]
-                n = choose_task_threads(c.task_threads, self._fm, theta, xs_c, ys_c,
-                                        groupable(c, backend), c.task_batching)
-
-                def group(fm, a, b):  # tasks [a, b) of the chunk, on a worker thread when n > 1
-                    xs, ys = xs_c[a:b], ys_c[a:b]
-                    strategy = choose_strategy(c.task_batching, fm, theta, xs, ys,
-                                               **step_counts(c, inner_only=True))
-                    return solve_inner(fm, theta, xs, ys, c, strategy, ops).phi
-
-                done += map_groups(group, self._fm, c1 - c0, n, c.task_threads)[0]
-        return self._fm.unflatten(done[0] if len(done) == 1 else torch.cat(done))
+            per_chunk, _ = map_chunks(group, self._fm, theta, x_support, y_support, c, backend,
+                                      chunk)
+        phis = [phi for parts in per_chunk for phi in parts]
+        return self._fm.unflatten(phis[0] if len(phis) == 1 else torch.cat(phis))
 
     def predict(self, adapted: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, M, ...] of each task's adapted parameters on x [T, M, ...]."""

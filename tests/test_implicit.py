@@ -412,20 +412,6 @@ def test_custom_operator_matches_exact_solve_on_both_backends():
 
 # ---- task_chunk: consecutive chunks of tasks, each solved whole before the next ----------
 
-def test_chunk_ranges_cover_the_tasks_in_chunks_of_at_most_the_size():
-    from imaml_fast.implicit import chunk_ranges
-
-    assert chunk_ranges(7, None) == [(0, 7)] and chunk_ranges(7, 7) == [(0, 7)]
-    assert chunk_ranges(7, 9) == [(0, 7)] and chunk_ranges(10, 4) == [(0, 4), (4, 7), (7, 10)]
-    for T in range(1, 30):
-        for c in range(1, T + 1):
-            r = chunk_ranges(T, c)
-            assert len(r) == -(-T // c) and r[0][0] == 0 and r[-1][1] == T
-            assert all(b0 == a1 for (_, b0), (a1, _) in zip(r, r[1:]))
-            sizes = [b - a for a, b in r]
-            assert max(sizes) <= c and max(sizes) - min(sizes) <= 1
-
-
 CHUNK_PER_TASK = ("task_grads_flat", "adapted_flat", "cg_residual", "inner_loss",
                   "inner_residual", "query_loss", "query_outputs", "first_order_cosine")
 CHUNK_EXACT = ("cg_iters", "cg_status", "cg_clipped", "inner_steps")

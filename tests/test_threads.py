@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaml_fast import IMAML, IMAMLConfig, meta_gradient, threads
-from imaml_fast.threads import groups, resolve_task_threads, thread_state_active
+from imaml_fast.threads import chunk_ranges, groups, resolve_task_threads, thread_state_active
 
 from _helpers import DT, class_episode, conv_bn, mlp, rel_err
 
@@ -47,6 +47,18 @@ def test_groups_cover_the_tasks_in_order_with_sizes_one_apart():
             assert all(a1 == b0 for (_, b0), (a1, _) in zip(g, g[1:]))
             sizes = [b - a for a, b in g]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_chunk_ranges_cover_the_tasks_in_chunks_of_at_most_the_size():
+    assert chunk_ranges(7, None) == [(0, 7)] and chunk_ranges(7, 7) == [(0, 7)]
+    assert chunk_ranges(7, 9) == [(0, 7)] and chunk_ranges(10, 4) == [(0, 4), (4, 7), (7, 10)]
+    for T in range(1, 30):
+        for c in range(1, T + 1):
+            r = chunk_ranges(T, c)
+            assert len(r) == -(-T // c) and r[0][0] == 0 and r[-1][1] == T
+            assert all(b0 == a1 for (_, b0), (a1, _) in zip(r, r[1:]))
+            sizes = [b - a for a, b in r]
+            assert max(sizes) <= c and max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -131,8 +143,7 @@ def test_workers_share_out_the_callers_threads_and_the_callers_count_is_kept(mon
             return fn(f, a, b)
         return solve(wrapped, fm, T, n, requested)
 
-    import imaml_fast.implicit as implicit
-    monkeypatch.setattr(implicit, "map_groups", spy)
+    monkeypatch.setattr(threads, "map_groups", spy)  # as threads.map_chunks calls it
     caller = torch.get_num_threads()
     model = mlp()
     xs, ys, xq, yq = class_episode(4, 5, 3, (3,), 2)
