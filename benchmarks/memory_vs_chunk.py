@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -88,12 +87,10 @@ def measure(chunk, args, env=None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(chunk), str(args.tasks),
            str(args.n_way), str(args.inner_steps), str(args.repeats), str(args.threads or 0),
            args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, **(env or {})})
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"chunk": chunk, "error": (out.stderr or out.stdout)[-2000:]}
-    return json.loads(lines[-1])
+    from peers.common import child_json
+
+    r = child_json(cmd, 1200, env)
+    return {"chunk": chunk, **r} if "error" in r else r
 
 
 def _seconds(r: dict) -> float:

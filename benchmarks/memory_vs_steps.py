@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -131,12 +130,10 @@ FREED_RETURNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def measure(impl_name, K, T, n_way, threads=0, timeout=600, device="cpu", env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl_name, str(K), str(T),
            str(n_way), str(threads or 0), str(device)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"impl": impl_name, "K": K, "error": (out.stderr or out.stdout)[-2000:]}
-    return json.loads(lines[-1])
+    from peers.common import child_json
+
+    r = child_json(cmd, timeout, env)
+    return {"impl": impl_name, "K": K, **r} if "error" in r else r
 
 
 def measure_median(name, K, args) -> dict:
@@ -166,10 +163,10 @@ def markdown(payload):
     out = [f"### Peak memory against inner steps K\n\n{meta_line(meta)}; one meta-step in a "
            f"fresh subprocess per point; authors' Omniglot network, {st['n_way']}-way 1-shot, "
            f"T = {st['tasks']}, lam = 2, inner lr 0.1, 5 CG steps, float32. Each cell: "
-           + (f"peak of torch.cuda.max_memory_allocated during the step minus the memory "
-              f"allocated after set-up, MiB (the peak in parentheses)" if meta.get("gpu") else
-              f"peak RSS after the step minus RSS after imports and set-up, MiB (peak RSS in "
-              f"parentheses)")
+           + ("peak of torch.cuda.max_memory_allocated during the step minus the memory "
+              "allocated after set-up, MiB (the peak in parentheses)" if meta.get("gpu") else
+              "peak RSS after the step minus RSS after imports and set-up, MiB (peak RSS in "
+              "parentheses)")
            + (f"; the median of {st['repeats']} fresh processes per point (the run with the "
               f"median of the first figure, the lower middle one for an even count; every "
               f"run's figures in the JSON, ranges below)"

@@ -182,6 +182,18 @@ def write_results(json_path: str, payload: Dict, md: str) -> None:
     write_text(name.rsplit(".", 1)[0] + ".md", md, out_dir)
 
 
+def child_json(cmd: List[str], timeout: float, env: Optional[Dict[str, str]] = None) -> Dict:
+    """Run a benchmark's child process (cmd, with env added to this process's environment):
+    the last line of its output that starts with "{", as a dict; {"error": the end of its
+    stderr (else stdout)} where it failed or printed no such line."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr or out.stdout)[-2000:]}
+    return json.loads(lines[-1])
+
+
 def write_figure_files(name: str, payload: Dict, markdown, plot, out_dir: str,
                        raw: bool = True) -> None:
     """A figure script's files in out_dir: name.json (the raw payload; raw=False, as for
